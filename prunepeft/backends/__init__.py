@@ -1,0 +1,36 @@
+"""Backend dispatch for the bank's kernels.
+
+``reference`` is pure torch (the oracle and CPU fallback); ``native`` is the C++ extension
+``prunepeft._C``. The backend is chosen at import: ``native`` when the extension is built, else
+``reference``; set ``PRUNEPEFT_BACKEND=reference|native`` to force one. Importing this module never
+fails because an optional piece is missing; asking for a backend that is not available raises a
+``RuntimeError`` that says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from . import native, reference
+
+BACKENDS = ("reference", "native")
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends usable on this machine."""
+    return tuple(name for name in BACKENDS if name == "reference" or native.available())
+
+
+def get_backend(name: str | None = None) -> ModuleType:
+    """Return the backend module ``name`` (default: ``$PRUNEPEFT_BACKEND`` or the best available)."""
+    name = name or os.environ.get("PRUNEPEFT_BACKEND") or ("native" if native.available() else "reference")
+    name = name.lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown prunepeft backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "native" and not native.available():
+        raise RuntimeError(
+            "PRUNEPEFT_BACKEND=native but the C++ extension prunepeft._C is not built; "
+            "run `pip install -e .` in the prunepeft checkout (needs a C++17 compiler and pybind11)"
+        )
+    return native if name == "native" else reference
