@@ -48,7 +48,10 @@ class BottleneckSite(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["base"], name)
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None:  # during construction / unpickling
+                raise
+            return getattr(base, name)
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}"

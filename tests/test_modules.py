@@ -165,3 +165,10 @@ def test_unknown_kind_and_activation():
             block_size=4,
             activation="tanh",
         )
+
+
+def test_site_behaves_like_the_wrapped_linear():
+    lin, bank, site = _site()
+    assert site.in_features == IN and site.out_features == OUT and site.weight is lin.weight
+    with pytest.raises(AttributeError):
+        _ = site.no_such_attribute
