@@ -13,13 +13,36 @@
 // next to streaming the bank. Rejected: per-thread per-owner accumulators
 // (the sums then depend on the partition, i.e. on n_threads), atomics
 // (nondeterministic order), float accumulators (too lossy over 1e7 terms).
-// Inside a piece four accumulator lanes break the add dependency chain; lanes
-// are combined in a fixed order (measured: 8 lanes 25% slower, 2 lanes the
-// same; the loop is bound by arithmetic throughput, not memory).
-// Measured on a 2-core AMD EPYC VM, 10M-element bank (1862 segments), param +
-// grad, median of 5: 10-11 ms on 1 thread, 6-10 ms on 2 (the VM was shared),
-// vs 630 ms for the torch reference and 2 ms for numpy.copyto of the params;
-// 22-26 ms with the AdaLoRA sens/unc update.
+// Rejected as well: summing every element in double (the previous kernel:
+// exact products, but compute-bound at ~0.5 ns/element on 2 threads, 14 GB/s,
+// 0.13x memcpy).
+//
+// Inside a piece (see "Summation scheme" below) columns 0-3 use float32
+// products summed in float32 per lane (16 lanes) over runs of 1024 elements
+// (64 terms per lane), each run then added into per-lane doubles; the lanes
+// are folded by a fixed pairwise tree. Trade-off: a relative error of at most
+// ~66 * 2^-24 = 3.9e-6 per sum (typically ~1e-8; tests allow 1e-5) and
+// float32 range for the products (terms beyond ~1e19 overflow, below ~1e-38
+// underflow), for a pass that runs near memory speed. Counts are exact; the
+// AdaLoRA update stays in double exactly as in the reference (sens/unc bitwise
+// equal), column 6 is summed in double. Kernels: AVX-512F, AVX2 (x86-64, chosen
+// at run time via __builtin_cpu_supports, no -march flags) and a portable one
+// (any ISA); all three execute the same operations per lane in the same order
+// and give bitwise identical results (tested). Products must not fuse into
+// FMAs: the build pins -ffp-contract=off; the SIMD vector bodies also block
+// fusion with an asm barrier, the scalar code (portable kernel, tails) relies
+// on the flag (checked: with -ffp-contract=fast the AVX-512 tails differ).
+// Measured on a 2-core AMD EPYC (Zen 5) VM, bench/bench_scoring.py (1.92M
+// elements, 1164 segments, 2 threads, median of 9; another process was
+// using part of the second core):
+//   param+grad (8 B/elem):  1.09 ms, 14 GB/s, 0.13x memcpy  ->  0.25-0.27 ms,
+//                           57-63 GB/s, 0.57-0.60x memcpy (95-109 GB/s r+w)
+//   + AdaLoRA (24 B/elem):  2.79 ms, 17 GB/s, 0.15x memcpy  ->  0.64-0.67 ms,
+//                           69-72 GB/s, 0.64-0.76x memcpy
+// Single thread, same bank (C++ harness, contended): 0.26 ms with AVX-512,
+// 0.47 ms with AVX2, 0.89 ms portable, 2.7 ms before. 2 threads gain little
+// over 1 here, likely thread start-up (a new std::thread per call) plus the
+// contention on the second core; a persistent pool is the next step.
 
 #include "bank.hpp"
 
@@ -33,6 +56,10 @@
 #include <system_error>
 #include <thread>
 #include <unordered_map>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace prunepeft {
 namespace {
@@ -195,74 +222,373 @@ struct Piece {
   int64_t owner;
 };
 
-// Sums over one piece. kGrad: grad present; kSens: sens/unc present.
-template <bool kGrad, bool kSens>
-void piece_stats(const float* w, const float* g, float* sens, float* unc, int64_t len,
-                 const StatsOptions& opt, double* out) {
-  constexpr int kLanes = 4;  // a power of two
-  static_assert((kLanes & (kLanes - 1)) == 0, "kLanes must be a power of two");
-  double w2[kLanes] = {}, ag[kLanes] = {}, awg[kLanes] = {}, wg2[kLanes] = {}, su[kLanes] = {};
-  int64_t zeros[kLanes] = {}, small[kLanes] = {};
-  const double thr = opt.threshold;
-  const double b1 = opt.beta1, c1 = 1.0 - opt.beta1;
-  const double b2 = opt.beta2, c2 = 1.0 - opt.beta2;
+// Summation scheme of one piece (both kernels implement exactly this, so
+// they agree bit for bit): element k of the piece goes to lane k % kLanes.
+// Columns 0-3 are float32 terms (w*w, |g|, |w*g|, (w*g)*(w*g), each product
+// rounded to float) summed per lane in float32 over runs of kRun elements;
+// at the end of each run every lane is converted to double and added to the
+// lane's double accumulator. Column 6 (AdaLoRA) is accumulated per lane in
+// double directly (s_new * u_new is exact in double). At the end of the
+// piece the kLanes double lanes are combined by a fixed pairwise tree.
+constexpr int kLanes = 16;
+constexpr int64_t kRun = 1024;  // multiple of kLanes: 64 float additions per lane and run
+static_assert(kRun % kLanes == 0, "runs must consist of whole lane groups");
 
-  auto step = [&](int64_t k, int l) {
-    const double wd = static_cast<double>(w[k]);
-    const double gd = kGrad ? static_cast<double>(g[k]) : 0.0;
-    const double wg = wd * gd;  // exact: a float*float product fits in a double
-    w2[l] += wd * wd;
-    ag[l] += std::fabs(gd);
-    awg[l] += std::fabs(wg);
-    wg2[l] += wg * wg;
-    zeros[l] += (w[k] == 0.0f) ? 1 : 0;
-    small[l] += (std::fabs(wd) < thr) ? 1 : 0;
-    if constexpr (kSens) {
-      const double imp = std::fabs(wg);
-      const float s_new = static_cast<float>(b1 * static_cast<double>(sens[k]) + c1 * imp);
-      const double dev = std::fabs(imp - static_cast<double>(s_new));
-      const float u_new = static_cast<float>(b2 * static_cast<double>(unc[k]) + c2 * dev);
-      sens[k] = s_new;
-      unc[k] = u_new;
-      su[l] += static_cast<double>(s_new) * static_cast<double>(u_new);
-    }
-  };
+struct Coeffs {
+  float thr;  // |w| < thr (float) <=> |w| < threshold (double), see float_threshold
+  double b1, c1, b2, c2;
+};
 
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) step(k + l, l);
-  for (; k < len; ++k) step(k, 0);
-
-  // Fixed-order combination of the lanes (pairwise tree); counts are exact.
-  auto fold = [](double* a) {
-    for (int width = kLanes / 2; width > 0; width /= 2)
-      for (int l = 0; l < width; ++l) a[l] += a[l + width];
-    return a[0];
-  };
-  int64_t n_zero = 0, n_small = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    n_zero += zeros[l];
-    n_small += small[l];
-  }
-  out[0] = fold(w2);
-  out[1] = fold(ag);
-  out[2] = fold(awg);
-  out[3] = fold(wg2);
-  out[4] = static_cast<double>(n_zero);
-  out[5] = static_cast<double>(n_small);
-  out[6] = fold(su);
-  out[7] = static_cast<double>(len);
+// The smallest float >= t: for every float x, x < t <=> x < float_threshold(t).
+float float_threshold(double t) {
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
 }
 
-void run_piece(const StatsInputs& in, const StatsOptions& opt, const Piece& pc, double* out) {
+// Fixed-order pairwise combination of the lanes.
+double fold_lanes(double* a) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) a[l] += a[l + width];
+  return a[0];
+}
+
+// Per-lane state of one piece, in memory between runs.
+struct LaneSums {
+  double d[5][kLanes] = {};  // columns 0, 1, 2, 3, 6
+  int64_t zeros = 0, small = 0;
+
+  void finish(int64_t len, double* out) {
+    out[0] = fold_lanes(d[0]);
+    out[1] = fold_lanes(d[1]);
+    out[2] = fold_lanes(d[2]);
+    out[3] = fold_lanes(d[3]);
+    out[4] = static_cast<double>(zeros);
+    out[5] = static_cast<double>(small);
+    out[6] = fold_lanes(d[4]);
+    out[7] = static_cast<double>(len);
+  }
+};
+
+// One element, scalar. f: float run sums of lane l (columns 0-3), su: double
+// lane of column 6. The products are separate statements from the sums; the
+// build pins -ffp-contract=off so that they are never fused into an FMA.
+template <bool kGrad, bool kSens>
+inline void scalar_step(const float* w, const float* g, float* sens, float* unc, int64_t k,
+                        const Coeffs& c, float (&f)[4][kLanes], double* su, int l, int64_t& zeros,
+                        int64_t& small) {
+  const float wv = w[k];
+  const float gv = kGrad ? g[k] : 0.0f;
+  const float aw = std::fabs(wv), ag = std::fabs(gv);
+  const float ww = aw * aw;     // = w * w
+  const float awg = aw * ag;    // = |w * g| (rounding is symmetric)
+  const float wg2 = awg * awg;  // = (w * g)^2
+  f[0][l] += ww;
+  f[1][l] += ag;
+  f[2][l] += awg;
+  f[3][l] += wg2;
+  zeros += (wv == 0.0f) ? 1 : 0;
+  small += (aw < c.thr) ? 1 : 0;
+  if constexpr (kSens) {
+    const double imp = std::fabs(static_cast<double>(wv) * static_cast<double>(gv));  // exact
+    const double p1 = c.b1 * static_cast<double>(sens[k]);
+    const double p2 = c.c1 * imp;
+    const float s_new = static_cast<float>(p1 + p2);
+    const double dev = std::fabs(imp - static_cast<double>(s_new));
+    const double q1 = c.b2 * static_cast<double>(unc[k]);
+    const double q2 = c.c2 * dev;
+    const float u_new = static_cast<float>(q1 + q2);
+    sens[k] = s_new;
+    unc[k] = u_new;
+    su[l] += static_cast<double>(s_new) * static_cast<double>(u_new);  // exact product
+  }
+}
+
+// Portable kernel: plain loops (auto-vectorizable), any architecture.
+template <bool kGrad, bool kSens>
+void piece_portable(const float* w, const float* g, float* sens, float* unc, int64_t len,
+                    const Coeffs& c, double* out) {
+  LaneSums acc;
+  for (int64_t r0 = 0; r0 < len; r0 += kRun) {
+    const int64_t r1 = std::min(len, r0 + kRun);
+    float f[4][kLanes] = {};
+    int64_t k = r0;
+    for (; k + kLanes <= r1; k += kLanes)
+      for (int l = 0; l < kLanes; ++l)
+        scalar_step<kGrad, kSens>(w, g, sens, unc, k + l, c, f, acc.d[4], l, acc.zeros, acc.small);
+    for (; k < r1; ++k)
+      scalar_step<kGrad, kSens>(w, g, sens, unc, k, c, f, acc.d[4], static_cast<int>(k % kLanes),
+                                acc.zeros, acc.small);
+    for (int col = 0; col < 4; ++col)
+      for (int l = 0; l < kLanes; ++l) acc.d[col][l] += static_cast<double>(f[col][l]);
+  }
+  acc.finish(len, out);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PRUNEPEFT_X86_AVX2 1
+
+// An empty asm that "modifies" v: the compiler can no longer fuse the
+// multiplication that produced v with the addition that consumes it, so the
+// AVX2 kernel rounds products separately (as the portable one and the torch
+// reference do) even if some build turned contraction on.
+#define PP_NOFUSE(v) __asm__("" : "+x"(v))
+
+// Floats 4q .. 4q+3 of x as doubles (exact).
+__attribute__((target("avx2"))) inline __m256d cvt_half(__m256 x, int q) {
+  return _mm256_cvtps_pd(q ? _mm256_extractf128_ps(x, 1) : _mm256_castps256_ps128(x));
+}
+
+// AVX2 kernel: 16 elements (two 8-float halves) per step, same lanes, same
+// operations and same order as piece_portable.
+template <bool kGrad, bool kSens>
+__attribute__((target("avx2"))) void piece_avx2(const float* w, const float* g, float* sens,
+                                                float* unc, int64_t len, const Coeffs& c,
+                                                double* out) {
+  LaneSums acc;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 thr = _mm256_set1_ps(c.thr);
+  const __m256d sign_d = _mm256_set1_pd(-0.0);
+  const __m256d b1 = _mm256_set1_pd(c.b1), c1 = _mm256_set1_pd(c.c1);
+  const __m256d b2 = _mm256_set1_pd(c.b2), c2 = _mm256_set1_pd(c.c2);
+  __m256i nz = _mm256_setzero_si256(), ns = _mm256_setzero_si256();  // int32 count lanes
+  __m256d su[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
+                   _mm256_setzero_pd()};
+
+  for (int64_t r0 = 0; r0 < len; r0 += kRun) {
+    const int64_t r1 = std::min(len, r0 + kRun);
+    __m256 f[4][2];
+    for (auto& fc : f) fc[0] = fc[1] = zero;
+    int64_t k = r0;
+    for (; k + kLanes <= r1; k += kLanes) {
+      for (int h = 0; h < 2; ++h) {
+        const int64_t e = k + 8 * h;
+        const __m256 wv = _mm256_loadu_ps(w + e);
+        const __m256 gv = kGrad ? _mm256_loadu_ps(g + e) : zero;
+        const __m256 aw = _mm256_andnot_ps(sign, wv);
+        const __m256 ag = _mm256_andnot_ps(sign, gv);
+        __m256 ww = _mm256_mul_ps(aw, aw);
+        __m256 awg = _mm256_mul_ps(aw, ag);
+        __m256 wg2 = _mm256_mul_ps(awg, awg);
+        PP_NOFUSE(ww);
+        PP_NOFUSE(awg);
+        PP_NOFUSE(wg2);
+        f[0][h] = _mm256_add_ps(f[0][h], ww);
+        f[1][h] = _mm256_add_ps(f[1][h], ag);
+        f[2][h] = _mm256_add_ps(f[2][h], awg);
+        f[3][h] = _mm256_add_ps(f[3][h], wg2);
+        // Compare masks are all-ones (= -1) per true lane.
+        nz = _mm256_sub_epi32(nz, _mm256_castps_si256(_mm256_cmp_ps(wv, zero, _CMP_EQ_OQ)));
+        ns = _mm256_sub_epi32(ns, _mm256_castps_si256(_mm256_cmp_ps(aw, thr, _CMP_LT_OQ)));
+        if constexpr (kSens) {
+          const __m256 sv = _mm256_loadu_ps(sens + e);
+          const __m256 uv = _mm256_loadu_ps(unc + e);
+          __m128 s_out[2], u_out[2];
+          for (int q = 0; q < 2; ++q) {  // 4 doubles at a time
+            const __m256d imp = _mm256_andnot_pd(sign_d, _mm256_mul_pd(cvt_half(wv, q), cvt_half(gv, q)));
+            __m256d p1 = _mm256_mul_pd(b1, cvt_half(sv, q));
+            __m256d p2 = _mm256_mul_pd(c1, imp);
+            PP_NOFUSE(p1);
+            PP_NOFUSE(p2);
+            s_out[q] = _mm256_cvtpd_ps(_mm256_add_pd(p1, p2));
+            const __m256d s_new = _mm256_cvtps_pd(s_out[q]);
+            const __m256d dev = _mm256_andnot_pd(sign_d, _mm256_sub_pd(imp, s_new));
+            __m256d q1 = _mm256_mul_pd(b2, cvt_half(uv, q));
+            __m256d q2 = _mm256_mul_pd(c2, dev);
+            PP_NOFUSE(q1);
+            PP_NOFUSE(q2);
+            u_out[q] = _mm256_cvtpd_ps(_mm256_add_pd(q1, q2));
+            __m256d prod = _mm256_mul_pd(s_new, _mm256_cvtps_pd(u_out[q]));
+            PP_NOFUSE(prod);
+            su[2 * h + q] = _mm256_add_pd(su[2 * h + q], prod);
+          }
+          _mm256_storeu_ps(sens + e, _mm256_insertf128_ps(_mm256_castps128_ps256(s_out[0]), s_out[1], 1));
+          _mm256_storeu_ps(unc + e, _mm256_insertf128_ps(_mm256_castps128_ps256(u_out[0]), u_out[1], 1));
+        }
+      }
+    }
+    // Spill the run sums, finish a partial lane group in scalar code (same
+    // lanes), then add the run into the double lanes.
+    alignas(32) float fs[4][kLanes];
+    for (int col = 0; col < 4; ++col) {
+      _mm256_store_ps(fs[col], f[col][0]);
+      _mm256_store_ps(fs[col] + 8, f[col][1]);
+    }
+    if (k < r1) {
+      alignas(32) double sus[kLanes] = {};
+      if constexpr (kSens)
+        for (int j = 0; j < 4; ++j) _mm256_store_pd(sus + 4 * j, su[j]);
+      for (; k < r1; ++k)
+        scalar_step<kGrad, kSens>(w, g, sens, unc, k, c, fs, sus, static_cast<int>(k % kLanes),
+                                  acc.zeros, acc.small);
+      if constexpr (kSens)
+        for (int j = 0; j < 4; ++j) su[j] = _mm256_load_pd(sus + 4 * j);
+    }
+    for (int col = 0; col < 4; ++col)
+      for (int j = 0; j < kLanes; j += 4)
+        _mm256_storeu_pd(acc.d[col] + j, _mm256_add_pd(_mm256_loadu_pd(acc.d[col] + j),
+                                                       _mm256_cvtps_pd(_mm_load_ps(fs[col] + j))));
+  }
+  if constexpr (kSens)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_pd(acc.d[4] + 4 * j, su[j]);
+  // Each count lane holds at most len / 8 <= kChunk / 8: no int32 overflow.
+  alignas(32) int32_t cnt[2][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cnt[0]), nz);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cnt[1]), ns);
+  for (int l = 0; l < 8; ++l) {
+    acc.zeros += cnt[0][l];
+    acc.small += cnt[1][l];
+  }
+  acc.finish(len, out);
+}
+
+#define PP_NOFUSE512(v) __asm__("" : "+v"(v))
+
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_undefined_pd).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// Doubles of floats 8q .. 8q+7 of x (exact).
+__attribute__((target("avx512f"))) inline __m512d cvt_half512(__m512 x, int q) {
+  return _mm512_cvtps_pd(q ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))
+                           : _mm512_castps512_ps256(x));
+}
+
+// AVX-512F kernel: one 16-float vector per step = the kLanes lanes; same
+// operations and order as piece_portable, half the instructions of AVX2.
+template <bool kGrad, bool kSens>
+__attribute__((target("avx512f"))) void piece_avx512(const float* w, const float* g, float* sens,
+                                                    float* unc, int64_t len, const Coeffs& c,
+                                                    double* out) {
+  LaneSums acc;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 thr = _mm512_set1_ps(c.thr);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512d b1 = _mm512_set1_pd(c.b1), c1 = _mm512_set1_pd(c.c1);
+  const __m512d b2 = _mm512_set1_pd(c.b2), c2 = _mm512_set1_pd(c.c2);
+  __m512i nz = _mm512_setzero_si512(), ns = _mm512_setzero_si512();  // int32 count lanes
+  __m512d su[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+
+  for (int64_t r0 = 0; r0 < len; r0 += kRun) {
+    const int64_t r1 = std::min(len, r0 + kRun);
+    __m512 f[4] = {zero, zero, zero, zero};
+    int64_t k = r0;
+    for (; k + kLanes <= r1; k += kLanes) {
+      const __m512 wv = _mm512_loadu_ps(w + k);
+      const __m512 gv = kGrad ? _mm512_loadu_ps(g + k) : zero;
+      const __m512 aw = _mm512_abs_ps(wv);
+      const __m512 ag = _mm512_abs_ps(gv);
+      __m512 ww = _mm512_mul_ps(aw, aw);
+      __m512 awg = _mm512_mul_ps(aw, ag);
+      __m512 wg2 = _mm512_mul_ps(awg, awg);
+      PP_NOFUSE512(ww);
+      PP_NOFUSE512(awg);
+      PP_NOFUSE512(wg2);
+      f[0] = _mm512_add_ps(f[0], ww);
+      f[1] = _mm512_add_ps(f[1], ag);
+      f[2] = _mm512_add_ps(f[2], awg);
+      f[3] = _mm512_add_ps(f[3], wg2);
+      nz = _mm512_mask_add_epi32(nz, _mm512_cmp_ps_mask(wv, zero, _CMP_EQ_OQ), nz, one);
+      ns = _mm512_mask_add_epi32(ns, _mm512_cmp_ps_mask(aw, thr, _CMP_LT_OQ), ns, one);
+      if constexpr (kSens) {
+        const __m512 sv = _mm512_loadu_ps(sens + k);
+        const __m512 uv = _mm512_loadu_ps(unc + k);
+        __m256 s_out[2], u_out[2];
+        for (int q = 0; q < 2; ++q) {  // 8 doubles at a time
+          const __m512d imp = _mm512_abs_pd(_mm512_mul_pd(cvt_half512(wv, q), cvt_half512(gv, q)));
+          __m512d p1 = _mm512_mul_pd(b1, cvt_half512(sv, q));
+          __m512d p2 = _mm512_mul_pd(c1, imp);
+          PP_NOFUSE512(p1);
+          PP_NOFUSE512(p2);
+          s_out[q] = _mm512_cvtpd_ps(_mm512_add_pd(p1, p2));
+          const __m512d s_new = _mm512_cvtps_pd(s_out[q]);
+          const __m512d dev = _mm512_abs_pd(_mm512_sub_pd(imp, s_new));
+          __m512d q1 = _mm512_mul_pd(b2, cvt_half512(uv, q));
+          __m512d q2 = _mm512_mul_pd(c2, dev);
+          PP_NOFUSE512(q1);
+          PP_NOFUSE512(q2);
+          u_out[q] = _mm512_cvtpd_ps(_mm512_add_pd(q1, q2));
+          __m512d prod = _mm512_mul_pd(s_new, _mm512_cvtps_pd(u_out[q]));
+          PP_NOFUSE512(prod);
+          su[q] = _mm512_add_pd(su[q], prod);
+        }
+        _mm256_storeu_ps(sens + k, s_out[0]);
+        _mm256_storeu_ps(sens + k + 8, s_out[1]);
+        _mm256_storeu_ps(unc + k, u_out[0]);
+        _mm256_storeu_ps(unc + k + 8, u_out[1]);
+      }
+    }
+    alignas(64) float fs[4][kLanes];
+    for (int col = 0; col < 4; ++col) _mm512_store_ps(fs[col], f[col]);
+    if (k < r1) {
+      alignas(64) double sus[kLanes] = {};
+      if constexpr (kSens)
+        for (int j = 0; j < 2; ++j) _mm512_store_pd(sus + 8 * j, su[j]);
+      for (; k < r1; ++k)
+        scalar_step<kGrad, kSens>(w, g, sens, unc, k, c, fs, sus, static_cast<int>(k % kLanes),
+                                  acc.zeros, acc.small);
+      if constexpr (kSens)
+        for (int j = 0; j < 2; ++j) su[j] = _mm512_load_pd(sus + 8 * j);
+    }
+    for (int col = 0; col < 4; ++col)
+      for (int j = 0; j < kLanes; j += 8)
+        _mm512_storeu_pd(acc.d[col] + j, _mm512_add_pd(_mm512_loadu_pd(acc.d[col] + j),
+                                                       _mm512_cvtps_pd(_mm256_load_ps(fs[col] + j))));
+  }
+  if constexpr (kSens)
+    for (int j = 0; j < 2; ++j) _mm512_storeu_pd(acc.d[4] + 8 * j, su[j]);
+  // Each count lane holds at most len / 16 <= kChunk / 16: no int32 overflow.
+  alignas(64) int32_t cnt[2][16];
+  _mm512_store_si512(cnt[0], nz);
+  _mm512_store_si512(cnt[1], ns);
+  for (int l = 0; l < 16; ++l) {
+    acc.zeros += cnt[0][l];
+    acc.small += cnt[1][l];
+  }
+  acc.finish(len, out);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// 2: AVX-512F, 1: AVX2, 0: neither (checked once; includes OS support).
+int cpu_simd_level() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+  }();
+  return level;
+}
+#endif  // x86-64
+
+template <bool kGrad, bool kSens>
+void piece_stats(const float* w, const float* g, float* sens, float* unc, int64_t len,
+                 const Coeffs& c, bool portable, double* out) {
+#ifdef PRUNEPEFT_X86_AVX2
+  const int level = portable ? 0 : cpu_simd_level();
+  if (level == 2) return piece_avx512<kGrad, kSens>(w, g, sens, unc, len, c, out);
+  if (level == 1) return piece_avx2<kGrad, kSens>(w, g, sens, unc, len, c, out);
+#else
+  (void)portable;
+#endif
+  piece_portable<kGrad, kSens>(w, g, sens, unc, len, c, out);
+}
+
+void run_piece(const StatsInputs& in, const StatsOptions& opt, const Coeffs& c, const Piece& pc,
+               double* out) {
   const float* w = in.param.data + pc.offset;
   const float* g = in.grad.present() ? in.grad.data + pc.offset : nullptr;
   float* s = in.sens.present() ? in.sens.data + pc.offset : nullptr;
   float* u = in.unc.present() ? in.unc.data + pc.offset : nullptr;
-  if (g && s) piece_stats<true, true>(w, g, s, u, pc.length, opt, out);
-  else if (g) piece_stats<true, false>(w, g, s, u, pc.length, opt, out);
-  else if (s) piece_stats<false, true>(w, g, s, u, pc.length, opt, out);
-  else piece_stats<false, false>(w, g, s, u, pc.length, opt, out);
+  const bool pt = opt.portable_kernel;
+  if (g && s) piece_stats<true, true>(w, g, s, u, pc.length, c, pt, out);
+  else if (g) piece_stats<true, false>(w, g, s, u, pc.length, c, pt, out);
+  else if (s) piece_stats<false, true>(w, g, s, u, pc.length, c, pt, out);
+  else piece_stats<false, false>(w, g, s, u, pc.length, c, pt, out);
 }
 
 void validate_stats(const StatsInputs& in, const StatsOptions& opt, int64_t n_segs) {
@@ -384,11 +710,13 @@ std::vector<double> block_stats(const StatsInputs& in, const StatsOptions& opt) 
   const size_t n_tasks = task_begin.size() - 1;
 
   std::vector<double> partial(pieces.size() * kStatCols, 0.0);
+  const Coeffs coeffs{float_threshold(opt.threshold), opt.beta1, 1.0 - opt.beta1, opt.beta2,
+                      1.0 - opt.beta2};
   std::atomic<size_t> next{0};
   auto worker = [&]() {
     for (size_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1))
       for (size_t p = task_begin[t]; p < task_begin[t + 1]; ++p)
-        run_piece(in, opt, pieces[p], partial.data() + p * kStatCols);
+        run_piece(in, opt, coeffs, pieces[p], partial.data() + p * kStatCols);
   };
 
   int64_t n_threads = opt.n_threads;

@@ -23,6 +23,14 @@ from prunepeft.backends import reference as ref
 SUM_COLS = [0, 1, 2, 3, 6]  # float sums: compared with a tolerance
 COUNT_COLS = [4, 5, 7]  # integer counts: compared exactly
 
+# The native kernel forms columns 0-3 from float32 products (w*w, |w g|, (w g)^2)
+# and sums them in float32 per SIMD lane over runs of 64 terms before adding the
+# run into float64 (the reference works in float64 throughout). For sums of
+# nonnegative terms the relative error is at most ~(64 + 2) * 2**-24 = 3.9e-6
+# (typically ~1e-8); 1e-5 covers the worst case with margin. Column 6 stays in
+# float64 (its products are exact) and is far inside this bound.
+STATS_RTOL, STATS_ATOL = 1e-5, 1e-12
+
 
 @pytest.fixture(autouse=True)
 def _require_native():
@@ -74,7 +82,7 @@ def unpack(flat: torch.Tensor, p: dict, spec: tuple) -> list[dict]:
 
 def assert_stats_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.dtype == torch.float64 and got.shape == want.shape
-    torch.testing.assert_close(got[:, SUM_COLS], want[:, SUM_COLS], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[:, SUM_COLS], want[:, SUM_COLS], rtol=STATS_RTOL, atol=STATS_ATOL)
     assert torch.equal(got[:, COUNT_COLS], want[:, COUNT_COLS])
 
 
@@ -248,7 +256,7 @@ def test_block_stats_accum(accum_beta: float, n_threads: int) -> None:
             n_threads=n_threads,
         )
         ref.block_stats(x["param"], x["grad"], seg, n_owners, 0.01, accum=acc_r, accum_beta=accum_beta)
-    torch.testing.assert_close(acc_n, acc_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(acc_n, acc_r, rtol=STATS_RTOL, atol=STATS_ATOL)
     # The update rule itself, on the native result.
     prev = acc_n.clone()
     native.block_stats(x["param"], x["grad"], seg, n_owners, 0.01, accum=acc_n, accum_beta=accum_beta)
