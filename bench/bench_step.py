@@ -2,7 +2,8 @@
 
 Times one AdamW training step (forward, backward, step) for: peft LoRA (query, value, r=8); the full
 prunepeft supernet (``common.minilm_supernet_config``); that supernet with blocks *masked* down to
-the LoRA's trainable-parameter count; and the same after *compaction*. Median of ``--repeat`` steps
+the LoRA's trainable-parameter count; the same after *compaction*; and the supernet compacted to
+exactly the LoRA's shape (q, v, rank 8, every layer), which isolates prunepeft's own overhead. Median of ``--repeat`` steps
 after 2 warm-up steps, each model fresh; the classification head trains in every variant.
 
     python bench/bench_step.py [--repeat 7]
@@ -93,6 +94,25 @@ def main() -> None:
                  "ratio_to_lora": t_comp / t_lora})  # fmt: skip
     print(f"supernet compacted: {handle.num_trainable():,} params in {alive} candidates, "
           f"{t_comp * 1e3:.0f} ms/step ({t_comp / t_lora:.3f}x LoRA)")  # fmt: skip
+
+    # The same comparison with the survivors laid out exactly like the peft LoRA (q and v, rank 8, in
+    # every layer): this isolates prunepeft's own overhead, since a search's survivors may sit only in
+    # late layers (then backward stops early and the comparison flatters prunepeft).
+    model, _ = load_minilm()
+    handle = attach(model, minilm_supernet_config())
+    bank = handle.bank
+    keep = torch.zeros(bank.num_blocks, dtype=torch.float64)
+    for c, spec in enumerate(bank.specs):
+        if spec.kind == "lora" and spec.role in ("q", "v"):
+            for j, blk in enumerate(bank.candidate_blocks(c)):
+                keep[blk] = 1.0 if j * spec.block_size < 8 else 0.0
+    opt = handle.optimizer(lr=1e-4)
+    handle.prune_to_budget(lora_params, keep, optimizer=opt)
+    t_same = median_time(step_fn(model, opt, b), args.repeat)
+    rows.append({"variant": "supernet_compacted_lora_shape", "trainable": handle.num_trainable(), "seconds": t_same,
+                 "ratio_to_lora": t_same / t_lora})  # fmt: skip
+    print(f"supernet compacted to LoRA's shape (q,v r=8 in every layer): {handle.num_trainable():,} params, "
+          f"{t_same * 1e3:.0f} ms/step ({t_same / t_lora:.3f}x LoRA)")  # fmt: skip
     print("wrote", append_rows("step_time", rows))
 
 
