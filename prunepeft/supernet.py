@@ -115,12 +115,14 @@ class Supernet:
             )
         current = bank.num_params()
         pruned = bank.backend.select_prune(scores, costs, group, extra, eligible, current, budget).tolist()
+        before = bank.block_mask.clone()
         if granularity == "block":
             bank.mask_blocks(pruned)
         else:
             bank.mask_candidates(pruned)
         if bank.num_params() > budget:
-            raise ValueError(f"budget {budget} is below what pruning every candidate can reach")
+            bank.set_block_mask(before)  # leave the model as it was
+            raise ValueError(f"budget {budget} is below what pruning every eligible candidate can reach")
         if compact:
             bank.compact(optimizer=optimizer)
         return pruned
