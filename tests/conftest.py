@@ -70,6 +70,18 @@ def tiny_model(model_type: str, seed: int = 0, hidden: int = 32):
     return model.eval(), batch
 
 
+def train_steps(model, opt, batch, steps: int) -> list[float]:
+    """``steps`` optimizer steps on one fixed batch; returns the losses."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

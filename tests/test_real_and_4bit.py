@@ -6,7 +6,7 @@ import csv
 
 import pytest
 import torch
-from conftest import SHARED_DATA, minilm_path, tiny_model
+from conftest import SHARED_DATA, minilm_path, tiny_model, train_steps
 
 from prunepeft import SpaceConfig, attach
 from prunepeft.modules import BottleneckSite
@@ -52,13 +52,7 @@ def test_minilm_supernet_end_to_end(minilm):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
     opt = handle.optimizer(lr=2e-3)
-    losses = []
-    for _ in range(4):
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, opt, batch, 4)
     assert losses[-1] < losses[0], losses
     # score with the fused pass, prune to peft-LoRA(q,v,r=8)'s size, compact: outputs preserved
     stats = handle.bank.accumulate_stats()
@@ -113,13 +107,7 @@ def test_4bit_base(tmp_path, model_type):
     with torch.no_grad():
         _close_after_nf4_repack(model(**batch).logits, before)
     opt = handle.optimizer(lr=1e-2)
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, opt, batch, 6)
     assert losses[-1] < losses[0] - 1e-3, losses
     handle.mask_blocks(range(0, handle.bank.num_blocks, 2))
     with torch.no_grad():

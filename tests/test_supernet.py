@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, tiny_model, train_steps
 from torch import nn
 
 import prunepeft
@@ -30,20 +30,9 @@ def _logits(model, batch):
     return out.logits
 
 
-def _loss(model, batch):
-    return model(**batch).loss
-
-
 def _train(model, handle, batch, steps, lr=1e-2, opt=None):
     opt = opt or handle.optimizer(lr=lr)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = _loss(model, batch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return opt, losses
+    return opt, train_steps(model, opt, batch, steps)
 
 
 def test_every_architecture_is_registered():
