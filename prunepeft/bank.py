@@ -128,6 +128,9 @@ class ModuleBank(nn.Module):
         self.register_buffer("block_mask", torch.ones(nb, dtype=torch.bool, device=device))
         self.register_buffer("orig_block", torch.arange(nb, dtype=torch.int64))
         self.stats: torch.Tensor | None = None  # float64 [nb + n, 8], accumulated statistics
+        self.collect_activations = False  # when on, sites accumulate sum |h| per unit (activation criterion)
+        self.act_sum: torch.Tensor | None = None  # float32 [total_units], sum over tokens of |h|
+        self.act_tokens: torch.Tensor | None = None  # float64 [total_units], tokens seen per unit
         self.sens: torch.Tensor | None = None  # AdaLoRA smoothed sensitivity, per element
         self.unc: torch.Tensor | None = None  # AdaLoRA uncertainty, per element
         self._set_plan(plan)
@@ -338,6 +341,43 @@ class ModuleBank(nn.Module):
         scale = self.unit_scale.narrow(0, slab.unit_off, slab.width)
         return d, ut, pieces, scale
 
+    def activation_buffer(self, site: str, tap: str, n_tokens: int) -> torch.Tensor | None:
+        """The slice of ``act_sum`` for a slab while ``collect_activations`` is on (else None).
+
+        Counts ``n_tokens`` for the slab's units; :meth:`activation_means` divides by it.
+        """
+        if not self.collect_activations:
+            return None
+        slab = self._slabs[(site, tap)]
+        if self.act_sum is None or self.act_sum.numel() != self.total_units:
+            self.reset_activations()
+        self.act_tokens[slab.unit_off : slab.unit_off + slab.width] += n_tokens
+        return self.act_sum.narrow(0, slab.unit_off, slab.width)
+
+    def reset_activations(self) -> None:
+        """Zero the activation statistics (start of a round)."""
+        self.act_sum = torch.zeros(self.total_units, dtype=torch.float32, device=self.flat.device)
+        self.act_tokens = torch.zeros(self.total_units, dtype=torch.float64)
+
+    def activation_means(self) -> torch.Tensor:
+        """Per current block: mean over its units and the tokens seen of ``|h|`` (0 if none seen).
+
+        Returns float64 ``[num_blocks]``.
+        """
+        out = torch.zeros(self.num_blocks, dtype=torch.float64)
+        if self.act_sum is None or self.act_sum.numel() != self.total_units:
+            return out
+        sums = self.act_sum.double().cpu()
+        for c, row in enumerate(self._cand):
+            w, n_blocks, first = row[4], row[5], row[6]
+            if not w:
+                continue
+            bs, lo = self.specs[c].block_size, self._unit_off[c]
+            tok = self.act_tokens[lo : lo + w].view(n_blocks, bs).sum(1)
+            s = sums[lo : lo + w].view(n_blocks, bs).sum(1)
+            out[first : first + n_blocks] = torch.where(tok > 0, s / tok.clamp_min(1), torch.zeros_like(s))
+        return out
+
     # ------------------------------------------------------------------ masking
     @torch.no_grad()
     def set_block_mask(self, keep: torch.Tensor) -> None:
@@ -434,6 +474,7 @@ class ModuleBank(nn.Module):
             nb_old = self.num_blocks
             rows = torch.cat([block_gather, torch.arange(nb_old, nb_old + n)])
             self.stats = self.stats[rows].clone()
+        self.act_sum = self.act_tokens = None  # per-round statistics; units renumber after compaction
         if self.sens is not None:
             self.sens = self.sens[gather].clone()
             self.unc = self.unc[gather].clone()

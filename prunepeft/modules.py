@@ -33,14 +33,14 @@ class BottleneckSite(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         bank: ModuleBank = self.__dict__["bank"]
-        slab = bank.slab(self.site_name, "input")
-        if slab is not None:
+        for tap in ("input", "output"):
+            slab = bank.slab(self.site_name, tap)
+            if slab is None:
+                continue
             d, ut, pieces, scale = slab
-            y = y + bottleneck(x.to(d.dtype), d, ut, pieces, scale).to(y.dtype)
-        slab = bank.slab(self.site_name, "output")
-        if slab is not None:
-            d, ut, pieces, scale = slab
-            y = y + bottleneck(y.to(d.dtype), d, ut, pieces, scale).to(y.dtype)
+            inp = x if tap == "input" else y
+            act = bank.activation_buffer(self.site_name, tap, inp.numel() // inp.shape[-1])
+            y = y + bottleneck(inp.to(d.dtype), d, ut, pieces, scale, act).to(y.dtype)
         return y
 
     def __getattr__(self, name: str):

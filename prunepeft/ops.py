@@ -52,6 +52,7 @@ def bottleneck(
     ut: torch.Tensor,
     pieces: Sequence[Piece],
     unit_scale: torch.Tensor,
+    h_abs_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of the bottlenecks of several candidates that share input ``x``.
 
@@ -61,6 +62,9 @@ def bottleneck(
         ut: stacked transposed up-projections ``[W, out]``.
         pieces: per candidate, its unit range, activation and biases.
         unit_scale: ``[W]`` per-unit scale (LoRA scaling times block mask).
+        h_abs_sum: optional float32 ``[W]`` buffer; if given, ``sum over tokens of |h|`` per unit
+            (``h`` after bias and activation, before scale and mask) is added to it in place, for
+            the activation criterion. No gradient flows through it.
 
     Returns:
         ``[..., out]``.
@@ -75,6 +79,9 @@ def bottleneck(
                 hp = hp + p.bd
             parts.append(activate(hp, p.activation))
         h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if h_abs_sum is not None:
+        with torch.no_grad():
+            h_abs_sum += h.detach().abs().reshape(-1, h.shape[-1]).sum(0).to(h_abs_sum.dtype)
     out = (h * unit_scale) @ ut
     for p in pieces:
         if p.bu is not None:

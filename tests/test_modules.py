@@ -172,3 +172,30 @@ def test_site_behaves_like_the_wrapped_linear():
     assert site.in_features == IN and site.out_features == OUT and site.weight is lin.weight
     with pytest.raises(AttributeError):
         _ = site.no_such_attribute
+
+
+def test_activation_statistics_per_block():
+    lin, bank, site = _site()
+    x = torch.randn(3, 5, IN)
+    assert site(x) is not None and bank.act_sum is None  # off by default
+    bank.collect_activations = True
+    site(x)
+    site(x[:1])
+    means = bank.activation_means()
+    t = [bank.candidate_tensors(i) for i in range(3)]
+    h_lora = x @ t[0]["D"].t()
+    h_par = torch.nn.functional.gelu(x @ t[1]["D"].t() + t[1]["bd"])
+    y1 = lin(x) + 2.0 * h_lora @ t[0]["Ut"] + h_par @ t[1]["Ut"] + t[1]["bu"]
+    h_ser = torch.relu(y1 @ t[2]["D"].t() + t[2]["bd"])
+    x1 = x[:1]
+    h_lora1 = x1 @ t[0]["D"].t()
+    h_par1 = torch.nn.functional.gelu(x1 @ t[1]["D"].t() + t[1]["bd"])
+    y11 = lin(x1) + 2.0 * h_lora1 @ t[0]["Ut"] + h_par1 @ t[1]["Ut"] + t[1]["bu"]
+    h_ser1 = torch.relu(y11 @ t[2]["D"].t() + t[2]["bd"])
+
+    def per_block(h, h1):
+        a = torch.cat([h.abs().reshape(-1, h.shape[-1]), h1.abs().reshape(-1, h1.shape[-1])])
+        return a.mean(0).view(-1, 4).mean(1)
+
+    expect = torch.cat([per_block(h_lora, h_lora1), per_block(h_par, h_par1), per_block(h_ser, h_ser1)])
+    torch.testing.assert_close(means.float(), expect.detach(), rtol=1e-5, atol=1e-6)
