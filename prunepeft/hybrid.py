@@ -1,0 +1,205 @@
+"""Pruning strategies: single criterion, random, and the paper's hybrid strategy.
+
+A strategy turns the criteria's values into one *keep score* per prunable unit (a candidate at
+module granularity, a width-block at block granularity): low = prune first.
+
+Hybrid (PrunePEFT §3): regions are (module kind) x (depth partition). After a warm-up, each
+criterion's prune picks (the units it would prune first) are counted per region; each region is
+assigned the criterion or criteria that pick there most (ties kept), and each criterion is also
+assigned its own strongest region. A unit's score uses its region's criteria, combined with the
+paper's Eq. 1: ``p(m) = softmax_m(k_m * Theta(m, S_m))`` with ``k_m = sigmoid(rank(m, S_m))``.
+
+Choices the paper leaves open (documented defaults): Theta is a criterion's keep score min-max
+normalised to [0, 1] over the eligible units; rank is the unit's ascending rank under that criterion
+normalised to [0, 1] (so k is in [0.5, 0.73]: a mild boost for units the criterion ranks high);
+with several criteria in a region the unit's term is their mean; a region nobody picked in uses
+``taylor``. Since softmax is monotonic, pruning the lowest p prunes the lowest ``k * Theta``; p is
+kept for reporting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .bank import ModuleBank
+from .criteria import CRITERIA, keep_scores
+from .space import SearchSpace
+
+DEFAULT_FALLBACK = "taylor"
+
+
+def region_key(kind: str, partition: int) -> str:
+    return f"{kind}@{partition}"
+
+
+def unit_regions(bank: ModuleBank, space: SearchSpace, granularity: str) -> list[str]:
+    """The region of every unit (current blocks, or candidates)."""
+    cand_region = [region_key(s.kind, space.partition_of_layer(s.layer)) for s in bank.specs]
+    if granularity == "module":
+        return cand_region
+    cand_of = bank.plan["block"][:, 0].tolist()
+    return [cand_region[c] for c in cand_of]
+
+
+def unit_values(
+    values: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, granularity: str
+) -> torch.Tensor:
+    """One criterion's keep scores for the units of the granularity."""
+    v = values[name][0 if granularity == "block" else 1]
+    return keep_scores(v, name)
+
+
+def _normalise(v: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Theta, rank) over the eligible units: min-max values and normalised ascending ranks in [0, 1]."""
+    theta = torch.zeros_like(v)
+    rank = torch.zeros_like(v)
+    idx = eligible.nonzero().flatten()
+    if idx.numel() == 0:
+        return theta, rank
+    ve = v[idx].clone()
+    finite = torch.isfinite(ve)
+    if finite.any():
+        lo, hi = ve[finite].min(), ve[finite].max()
+        ve = ve.clamp(lo, hi)  # +-inf (sanitised non-finite statistics) go to the ends
+        theta[idx] = (ve - lo) / (hi - lo) if hi > lo else torch.full_like(ve, 0.5)
+    # stable ascending order, ties by index -> deterministic ranks
+    order = sorted(range(idx.numel()), key=lambda i: (float(ve[i]), i))
+    denom = max(1, idx.numel() - 1)
+    for pos, i in enumerate(order):
+        rank[idx[i]] = pos / denom
+    return theta, rank
+
+
+def picks(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` lowest eligible scores (ties: lower index first)."""
+    idx = eligible.nonzero().flatten().tolist()
+    idx.sort(key=lambda i: (float(scores[i]), i))
+    return idx[:k]
+
+
+@dataclass
+class Assignment:
+    """Which criteria score which region, and the warm-up counts that decided it."""
+
+    regions: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # criterion -> region -> picks
+    fallback: str = DEFAULT_FALLBACK
+
+    def criteria_for(self, region: str) -> list[str]:
+        return self.regions.get(region) or [self.fallback]
+
+    def to_dict(self) -> dict:
+        return {"regions": self.regions, "counts": self.counts, "fallback": self.fallback}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Assignment:
+        return cls(dict(d["regions"]), dict(d["counts"]), d.get("fallback", DEFAULT_FALLBACK))
+
+
+def assign_criteria(
+    values: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    regions: Sequence[str],
+    eligible: torch.Tensor,
+    n_picks: int,
+    granularity: str,
+    criteria: Sequence[str] | None = None,
+) -> Assignment:
+    """The hybrid warm-up decision from one set of statistics (all criteria at once)."""
+    criteria = list(criteria or CRITERIA)
+    all_regions = sorted(set(regions))
+    counts: dict[str, dict[str, int]] = {}
+    for name in criteria:
+        c = dict.fromkeys(all_regions, 0)
+        for i in picks(unit_values(values, name, granularity), eligible, n_picks):
+            c[regions[i]] += 1
+        counts[name] = c
+    assigned: dict[str, list[str]] = {r: [] for r in all_regions}
+    for r in all_regions:
+        best = max(counts[name][r] for name in criteria)
+        if best > 0:
+            assigned[r] = [name for name in criteria if counts[name][r] == best]
+    for name in criteria:  # each criterion's own strongest region (first on ties)
+        strongest = max(all_regions, key=lambda r: (counts[name][r], -all_regions.index(r)))
+        if counts[name][strongest] > 0 and name not in assigned[strongest]:
+            assigned[strongest].append(name)
+    return Assignment({r: v for r, v in assigned.items() if v}, counts)
+
+
+class Strategy:
+    """Base: ``scores(values, regions, eligible, granularity) -> keep scores`` (low = prune)."""
+
+    name = "base"
+
+    def scores(
+        self, values, regions: Sequence[str], eligible: torch.Tensor, granularity: str
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SingleCriterion(Strategy):
+    def __init__(self, criterion: str) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        self.name = criterion
+
+    def scores(self, values, regions, eligible, granularity):
+        return unit_values(values, self.name, granularity)
+
+
+class RandomStrategy(Strategy):
+    """Uniformly random keep scores (the ablation baseline), reproducible from ``seed`` and the round."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.calls = 0
+
+    def scores(self, values, regions, eligible, granularity):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        return torch.rand(len(regions), generator=gen, dtype=torch.float64)
+
+
+class HybridStrategy(Strategy):
+    """The paper's hybrid strategy with a fixed :class:`Assignment` (see module doc)."""
+
+    name = "hybrid"
+
+    def __init__(self, assignment: Assignment) -> None:
+        self.assignment = assignment
+        self.last_probs: torch.Tensor | None = None
+
+    def scores(self, values, regions, eligible, granularity):
+        n = len(regions)
+        needed = {c for r in set(regions) for c in self.assignment.criteria_for(r)}
+        norm = {c: _normalise(unit_values(values, c, granularity), eligible) for c in needed}
+        z = torch.zeros(n, dtype=torch.float64)
+        for i, r in enumerate(regions):
+            crits = self.assignment.criteria_for(r)
+            z[i] = sum(_sigmoid(float(norm[c][1][i])) * float(norm[c][0][i]) for c in crits) / len(crits)
+        probs = torch.zeros(n, dtype=torch.float64)
+        idx = eligible.nonzero().flatten()
+        if idx.numel():
+            probs[idx] = torch.softmax(z[idx], 0)
+        self.last_probs = probs
+        return z
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def make_strategy(name: str, seed: int = 0, assignment: Assignment | None = None) -> Strategy:
+    """``hybrid`` (needs an assignment), ``random``, or any criterion name."""
+    if name == "hybrid":
+        if assignment is None:
+            raise ValueError("the hybrid strategy needs the warm-up's criterion assignment")
+        return HybridStrategy(assignment)
+    if name == "random":
+        return RandomStrategy(seed)
+    return SingleCriterion(name)
