@@ -6,16 +6,39 @@ extension, Triton, bitsandbytes) is missing.
 
 from __future__ import annotations
 
+from .api import SearchConfig, SearchError, SearchResult, finetune, search
 from .backends import available_backends, get_backend
 from .bank import KINDS, STAT_COLUMNS, CandidateSpec, ModuleBank
+from .criteria import CRITERIA
+from .export import export_peft, load, save
 from .modules import BottleneckSite
 from .space import ARCHITECTURES, SearchSpace, SpaceConfig
 from .supernet import Supernet, attach
+
+
+def __getattr__(name: str):
+    # the Trainer callback imports transformers' Trainer machinery: load it only when asked for
+    if name == "PrunePEFTCallback":
+        from .callback import PrunePEFTCallback
+
+        return PrunePEFTCallback
+    raise AttributeError(f"module 'prunepeft' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "CRITERIA",
+    "PrunePEFTCallback",
+    "SearchConfig",
+    "SearchError",
+    "SearchResult",
+    "export_peft",
+    "finetune",
+    "load",
+    "save",
+    "search",
     "KINDS",
     "STAT_COLUMNS",
     "BottleneckSite",

@@ -82,7 +82,7 @@ class SearchConfig(PruneConfig):
     final_steps: int = 500
     final_init: str = "reinit"
     final_lr: float | None = None
-    eval_max_examples: int | None = 500
+    eval_max_examples: int | None = 128
     max_bad_steps: int = 10
     task_kind: str | None = None
 
@@ -691,3 +691,49 @@ def _load_optimizer(opt, handle, state_dir: Path) -> None:
             opt.state[p] = st
     if "bank.sens" in tensors:
         handle.bank.sens, handle.bank.unc = tensors["bank.sens"], tensors["bank.unc"]
+
+
+def finetune(
+    model: nn.Module,
+    train_data,
+    eval_data=None,
+    config: SearchConfig | None = None,
+    *,
+    space: SpaceConfig | None = None,
+    handle: Supernet | None = None,
+    tokenizer=None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train a fixed configuration for ``config.final_steps`` steps and evaluate it (no pruning).
+
+    The configuration is ``handle`` (e.g. ``prunepeft.load(model, path)`` of a found one) or, if
+    None, ``space`` attached in full (e.g. a uniform LoRA baseline:
+    ``SpaceConfig(lora_targets=("q", "v"), lora_rank=8, serial_adapter_targets=())``). Same loop,
+    data order, schedule and evaluation as a search's final training, so the two compare fairly.
+    Returns ``{"metrics", "seconds", "steps", "params", "loss", "handle"}``.
+    """
+    cfg = config or SearchConfig()
+    say = log or (lambda s: None)
+    torch.manual_seed(cfg.seed)
+    data = _prepare_data(model, train_data, eval_data, cfg, tokenizer)
+    if handle is None:
+        handle = attach(model, space or cfg.space)
+    opt = torch.optim.AdamW(
+        list(handle.parameters()), lr=cfg.final_lr or cfg.lr, weight_decay=cfg.weight_decay
+    )
+    state = TrainState()
+    stream = BatchStream(data.train_epoch)
+    t0 = time.perf_counter()
+    try:
+        train_steps(model, lambda: list(handle.parameters()), opt, stream, cfg.final_steps, state,
+                    lr=cfg.final_lr or cfg.lr, total_steps=cfg.final_steps,
+                    warmup_steps=int(cfg.lr_warmup_ratio * cfg.final_steps), grad_accum=cfg.grad_accum,
+                    max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, max_bad_steps=cfg.max_bad_steps)  # fmt: skip
+    except NonFiniteError as e:
+        raise SearchError(f"training stopped: {e}") from e
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(model, data, None)
+    say(f"trained {handle.num_trainable():,} parameters for {cfg.final_steps} steps in {seconds:.0f}s"
+        + (": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) if metrics else ""))  # fmt: skip
+    return {"metrics": metrics, "seconds": seconds, "steps": cfg.final_steps, "params": handle.num_trainable(),
+            "loss": _mean(state.losses[-20:]), "handle": handle}  # fmt: skip

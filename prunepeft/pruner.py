@@ -48,8 +48,8 @@ class PruneConfig:
     strategy: str = "hybrid"
     granularity: str = "module"
     rounds: int = 4
-    steps_per_round: int = 25
-    warmup_steps: int = 30
+    steps_per_round: int = 8
+    warmup_steps: int = 16
     schedule: str = "linear"
     threshold: float = 1e-3
     stats_ema: float | None = None
