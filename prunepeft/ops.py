@@ -4,12 +4,17 @@ Every candidate kind is this op (DESIGN §2): LoRA is the identity activation wi
 ``unit_scale = alpha / r`` and no biases; adapters use relu/gelu/silu with biases. The unit scale
 also carries the block mask (0 for a masked unit), so masking costs one multiply.
 
-This is the reference implementation: the CPU path and the oracle the fused kernels are tested
-against. Autograd is torch's own.
+:func:`bottleneck_reference` is the pure-torch implementation: the CPU path and the oracle the
+fused kernels are tested against (autograd is torch's own). :func:`bottleneck` dispatches: the
+Triton kernels (:mod:`prunepeft.backends.triton`) for CUDA tensors when Triton is installed, the
+reference otherwise; ``PRUNEPEFT_BACKEND=triton`` forces the kernels (on CPU tensors that means the
+Triton interpreter, ``TRITON_INTERPRET=1``), ``PRUNEPEFT_BACKEND=reference|native`` forces the
+reference (the C++ extension has no bottleneck op).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +51,39 @@ class Piece:
     bu: torch.Tensor | None
 
 
+def _use_triton(x: torch.Tensor, d: torch.Tensor) -> bool:
+    forced = os.environ.get("PRUNEPEFT_BACKEND", "").lower()
+    if forced == "triton":
+        return True
+    if forced or x.device.type != "cuda" or d.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    from .backends import triton as triton_backend
+
+    return triton_backend.available("cuda")
+
+
 def bottleneck(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    ut: torch.Tensor,
+    pieces: Sequence[Piece],
+    unit_scale: torch.Tensor,
+    h_abs_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum of the bottlenecks of several candidates that share input ``x`` (dispatching).
+
+    Same arguments and result as :func:`bottleneck_reference`, computed by the Triton kernels for
+    CUDA tensors (or whenever ``PRUNEPEFT_BACKEND=triton``), by the reference otherwise. The kernels
+    skip masked units (``unit_scale == 0``) entirely, so ``h_abs_sum`` gets nothing added for them.
+    """
+    if _use_triton(x, d):
+        from .backends import triton as triton_backend
+
+        return triton_backend.bottleneck(x, d, ut, pieces, unit_scale, h_abs_sum)
+    return bottleneck_reference(x, d, ut, pieces, unit_scale, h_abs_sum)
+
+
+def bottleneck_reference(
     x: torch.Tensor,
     d: torch.Tensor,
     ut: torch.Tensor,

@@ -1,8 +1,9 @@
 """Backend dispatch for the bank's kernels.
 
 ``reference`` is pure torch (the oracle and CPU fallback); ``native`` is the C++ extension
-``prunepeft._C``. The backend is chosen at import: ``native`` when the extension is built, else
-``reference``; set ``PRUNEPEFT_BACKEND=reference|native`` to force one. Importing this module never
+``prunepeft._C``; ``triton`` the GPU kernels (scoring on the tensors' device; host metadata ops are
+native's). The backend is chosen at import: ``native`` when the extension is built, else
+``reference``; set ``PRUNEPEFT_BACKEND=reference|native|triton`` to force one. Importing this module never
 fails because an optional piece is missing; asking for a backend that is not available raises a
 ``RuntimeError`` that says how to get it.
 """
@@ -13,13 +14,15 @@ import os
 from types import ModuleType
 
 from . import native, reference
+from . import triton as triton_backend
 
-BACKENDS = ("reference", "native")
+BACKENDS = ("reference", "native", "triton")
 
 
 def available_backends() -> tuple[str, ...]:
     """Names of the backends usable on this machine."""
-    return tuple(name for name in BACKENDS if name == "reference" or native.available())
+    ok = {"reference": True, "native": native.available(), "triton": triton_backend.available("cuda")}
+    return tuple(name for name in BACKENDS if ok[name])
 
 
 def get_backend(name: str | None = None) -> ModuleType:
@@ -33,4 +36,11 @@ def get_backend(name: str | None = None) -> ModuleType:
             "PRUNEPEFT_BACKEND=native but the C++ extension prunepeft._C is not built; "
             "run `pip install -e .` in the prunepeft checkout (needs a C++17 compiler and pybind11)"
         )
+    if name == "triton":
+        if triton_backend.unavailable_reason("cuda") is not None and not triton_backend.available("cpu"):
+            raise RuntimeError(
+                f"PRUNEPEFT_BACKEND=triton but {triton_backend.unavailable_reason('cuda')}; "
+                "install Triton (`pip install triton`), or on a CPU machine set TRITON_INTERPRET=1"
+            )
+        return triton_backend
     return native if name == "native" else reference
