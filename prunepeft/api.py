@@ -636,11 +636,11 @@ def _save_state(
                 tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
     bank = handle.bank
     if bank.sens is not None:
-        tensors["bank.sens"], tensors["bank.unc"] = bank.sens.contiguous(), bank.unc.contiguous()
+        tensors["bank.sens"], tensors["bank.unc"] = bank.sens.cpu().contiguous(), bank.unc.cpu().contiguous()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     save_file(
-        {f"{i}": t.contiguous() for i, t in enumerate(head_init)} or {"_": torch.zeros(1)},
+        {f"{i}": t.cpu().contiguous() for i, t in enumerate(head_init)} or {"_": torch.zeros(1)},
         str(tmp / "head_init.safetensors"),
     )
     progress = {

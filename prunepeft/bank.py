@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import get_backend
+from .backends import available_backends, get_backend
 from .ops import ACTIVATIONS, Piece
 
 KINDS = ("lora", "parallel_adapter", "serial_adapter")
@@ -421,13 +421,20 @@ class ModuleBank(nn.Module):
         n_owners = self.num_blocks + self.num_candidates
         if self.stats is None or self.stats.shape[0] != n_owners:
             self.stats = torch.zeros(n_owners, len(STAT_COLUMNS), dtype=torch.float64)
-        param = self.flat.detach().float().cpu()
-        grad = None if self.flat.grad is None else self.flat.grad.detach().float().cpu()
-        if adalora is not None and self.sens is None:
-            self.sens = torch.zeros_like(param)
-            self.unc = torch.zeros_like(param)
+        backend = self.backend
+        if self.flat.is_cuda and "triton" in available_backends():
+            # the fused Triton pass reads params and grads where they are (no copy to the host)
+            backend = get_backend("triton")
+            param = self.flat.detach().float()
+            grad = None if self.flat.grad is None else self.flat.grad.detach().float()
+        else:
+            param = self.flat.detach().float().cpu()
+            grad = None if self.flat.grad is None else self.flat.grad.detach().float().cpu()
+        if adalora is not None and (self.sens is None or self.sens.device != param.device):
+            self.sens = torch.zeros_like(param) if self.sens is None else self.sens.to(param.device)
+            self.unc = torch.zeros_like(param) if self.unc is None else self.unc.to(param.device)
         beta1, beta2 = adalora if adalora is not None else (0.85, 0.85)
-        return self.backend.block_stats(
+        return backend.block_stats(
             param,
             grad,
             self.plan["seg"],
@@ -476,8 +483,8 @@ class ModuleBank(nn.Module):
             self.stats = self.stats[rows].clone()
         self.act_sum = self.act_tokens = None  # per-round statistics; units renumber after compaction
         if self.sens is not None:
-            self.sens = self.sens[gather].clone()
-            self.unc = self.unc[gather].clone()
+            self.sens = self.sens[gather.to(self.sens.device)].clone()
+            self.unc = self.unc[gather.to(self.unc.device)].clone()
         self.orig_block = self.orig_block[block_gather.to(self.orig_block.device)].clone()
         self.flat = new
         self.block_mask = torch.ones(plan["block"].shape[0], dtype=torch.bool, device=self.block_mask.device)
