@@ -392,7 +392,6 @@ def search(
     random.seed(cfg.seed)
     data = _prepare_data(model, train_data, eval_data, cfg, tokenizer)
     base_params = base_param_count(model)
-    head_init = None
 
     state_dir = out / STATE_DIR if out is not None else None
     resumed = None
@@ -437,7 +436,7 @@ def search(
         warm_consumed, main_consumed = resumed["warm_consumed"], resumed["main_consumed"]
         search_seconds = resumed["search_seconds"]
         torch.set_rng_state(_load_tensor(state_dir / "rng.safetensors", "torch"))
-        head_init = [t for t in _load_head_init(state_dir, len(head_init))] or head_init
+        head_init = _load_head_init(state_dir, len(head_init)) or head_init
         say(f"resumed at step {pruner.step} (round {len(pruner.history)} of {cfg.rounds} finished)")
     main = BatchStream(data.train_epoch, main_consumed)
     # without a low-fidelity subset the warm-up is simply the first steps of the training stream
