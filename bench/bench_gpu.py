@@ -3,7 +3,7 @@
 On a CUDA machine, in a few minutes:
 
 1. **checks** every kernel against the pure-torch reference in bf16 and fp16 (bottleneck forward,
-   backward, Σ|h|) and fp32 (scoring): fresh random inputs, outputs poisoned (the caching allocator
+   backward, Σ|h|, per slab and for a q/k/v layout group in one launch) and fp32 (scoring): fresh random inputs, outputs poisoned (the caching allocator
    is filled with NaN first, so any element a kernel forgets to write shows up), relative-error
    thresholds (and the 2x rule: the kernel's error against fp32 at most twice torch's own error in
    the same dtype); the scoring kernel's AdaLoRA state must match bit for bit;
@@ -12,8 +12,9 @@ On a CUDA machine, in a few minutes:
    (a) scoring of a 32-layer Llama-7B-shaped bank, GB/s against the copy bandwidth;
    (b) forward+backward of one Llama-7B-shaped layer's q, k, v, o, gate, up, down LoRAs (hidden
    4096, intermediate 11008, ranks 8-64) over an NF4 double-quant base, batch 8 x 512: the Triton
-   path vs peft's per-module LoRA (the surviving ranks) vs the torch reference path, at 0/50/90%
-   of blocks pruned (masked); plus a mixed-kinds layer (adapters too), Triton vs reference;
+   path (q, k, v in one launch and gate, up in one: layout groups; the launches per step are
+   recorded) vs peft's per-module LoRA (the surviving ranks) vs the torch reference path, at
+   0/50/90% of blocks pruned (masked); plus a mixed-kinds layer (adapters too), Triton vs reference;
    (c) peak memory of each.
 
 Without CUDA it runs what a CPU can check: the same correctness checks at small shapes through
@@ -187,6 +188,60 @@ def check_bottleneck(dtype: torch.dtype, seed: int) -> None:
                   "ok" if not bad else "FAIL", "; ".join(bad) + f" shape M{M} K{K} N{N} W96"))  # fmt: skip
 
 
+def _group_fwd_bwd(fn, bank: ModuleBank, x, gouts, dtype, habs):
+    """Outputs, dx and the region's gradient of the q/k/v group of ``bank`` computed by ``fn``."""
+    gid = bank.input_group("q")
+    region, layout, scale = bank.group(gid)
+    region = region.detach().to(dtype).requires_grad_()
+    xx = x.detach().to(dtype).requires_grad_()
+    outs = fn(xx, region, layout, scale.to(dtype), habs)
+    grads = torch.autograd.grad(outs, [xx, region], [g.to(dtype) for g in gouts])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def check_group(dtype: torch.dtype, seed: int) -> None:
+    """q, k, v of one layer (GQA-like widths: k, v narrower than q; LoRAs of ranks 8-64 and a gelu
+    parallel adapter on q; about half the blocks masked) in one launch vs three reference calls."""
+    from prunepeft.ops import bottleneck_group_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    M, K, outs = (300, 256, {"q": 256, "k": 64, "v": 64}) if CUDA else (13, 37, {"q": 29, "k": 11, "v": 11})
+    ranks = {"q": 64, "k": 8, "v": 32}
+    specs = []
+    for site, o in outs.items():
+        common = dict(site=site, role=site, layer=0, block_size=4, in_dim=K, out_dim=o, group="x")
+        specs.append(CandidateSpec(f"{site}:lora", "lora", width=ranks[site], scaling=2.0, **common))
+        if site == "q":
+            specs.append(
+                CandidateSpec("q:pa", "parallel_adapter", width=40, activation="gelu", bias=True, **common)
+            )
+    bank = ModuleBank(specs, dtype=torch.float32, device=DEV)
+    with torch.no_grad():
+        bank.flat.copy_(torch.randn(bank.flat.shape, generator=gen) * 0.5)
+    bank.set_block_mask(torch.rand(bank.num_blocks, generator=gen) < 0.5)
+    x = torch.randn(M, K, generator=gen).to(DEV)
+    gouts = [torch.randn(M, o, generator=gen).to(DEV) for o in outs.values()]
+    W = bank.group(bank.input_group("q"))[1].width
+    h_k, h_t, h_e = (torch.zeros(W, device=DEV) for _ in range(3))
+    poison()
+    got = _group_fwd_bwd(tb.bottleneck_group, bank, x, gouts, dtype, h_k)
+    torch_same = _group_fwd_bwd(bottleneck_group_reference, bank, x, gouts, dtype, h_t)
+    exact = _group_fwd_bwd(bottleneck_group_reference, bank, x, gouts, torch.float32, h_e)
+    floor = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    worst, bad = 0.0, []
+    for n, g, t, e in zip(["out_q", "out_k", "out_v", "dx", "dregion"], got, torch_same, exact, strict=True):
+        err_k, err_t = rel(g.float(), e), rel(t.float(), e)
+        worst = max(worst, err_k)
+        if not torch.isfinite(g).all() or err_k > max(2 * err_t, floor):
+            bad.append(f"{n}: {err_k:.2e} vs torch {err_t:.2e}")
+    live = bank.group(bank.input_group("q"))[2] != 0
+    err_h = rel(h_k[live], h_e[live])
+    if err_h > max(2 * rel(h_t[live], h_e[live]), floor):
+        bad.append(f"h_abs_sum {err_h:.2e}")
+    record(Result("check", "q,k,v group fwd+bwd+|h| (rel err)", str(dtype)[6:], "~50%", f"{worst:.2e}", "rel",
+                  "ok" if not bad else "FAIL", "; ".join(bad) + f" shape M{M} K{K} outs {list(outs.values())}"))  # fmt: skip
+
+
 def check_scoring(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     dims = (517, 300, 77) if CUDA else (37, 23, 11)
@@ -328,6 +383,19 @@ def _step(model, x, gout):
     return run
 
 
+def count_fwd_launches(fn) -> int:
+    """Forward bottleneck kernel launches made by one call of ``fn``."""
+    from prunepeft_triton import bottleneck as K
+
+    calls, fwd = [], K.bottleneck_fwd
+    K.bottleneck_fwd = lambda *a, **k: calls.append(1) or fwd(*a, **k)
+    try:
+        fn()
+    finally:
+        K.bottleneck_fwd = fwd
+    return len(calls)
+
+
 def time_llama_layer(repeat: int, cpu_tokens: int) -> None:
     tokens = 8 * 512 if CUDA else cpu_tokens
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -379,13 +447,17 @@ def time_llama_layer(repeat: int, cpu_tokens: int) -> None:
             for backend in ("triton", "reference"):
                 os.environ["PRUNEPEFT_BACKEND"] = backend
                 bank.flat.grad = None
+                note = ""
+                if backend == "triton":  # q, k, v (and gate, up) run as layout groups: count launches
+                    n = count_fwd_launches(_step(model, x, gout))
+                    note = f"; {n} fwd launches/step (per site: {len({(s.site, s.tap) for s in bank.specs})})"
                 torch.cuda.synchronize()
                 start = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 t = timed(_step(model, x, gout), repeat)
                 peak = (torch.cuda.max_memory_allocated() - start) / 2**20
                 record(Result("layer", f"{backend} {'mixed' if mixed else 'lora'} NF4 8x512", "bfloat16",
-                              f"{int(frac * 100)}%", round(t * 1e3, 3), "ms", note=f"peak +{peak:.0f} MiB"))  # fmt: skip
+                              f"{int(frac * 100)}%", round(t * 1e3, 3), "ms", note=f"peak +{peak:.0f} MiB{note}"))  # fmt: skip
             os.environ.pop("PRUNEPEFT_BACKEND", None)
             if not mixed:
                 time_peft(base, bank, x, gout, frac, repeat)
@@ -435,6 +507,7 @@ def main() -> None:
                       note="the interpreter miscomputes bf16 tl.dot; fp32/fp16 checked instead"))  # fmt: skip
     for k, dt in enumerate(dtypes):
         check_bottleneck(dt, seed=k)
+        check_group(dt, seed=k)
     check_scoring(seed=7)
     copy_bw, _ = ceilings(args.repeat)
     time_scoring(args.repeat, copy_bw)

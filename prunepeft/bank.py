@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .backends import available_backends, get_backend
-from .ops import ACTIVATIONS, Piece
+from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
 
 KINDS = ("lora", "parallel_adapter", "serial_adapter")
 
@@ -219,6 +219,59 @@ class ModuleBank(nn.Module):
                 slab.width += w
             self._slabs[key] = slab
         self._has_mask = bool(nb) and not bool(mask.all())
+        self._build_groups()
+
+    def _build_groups(self) -> None:
+        """Layout groups whose input-tap candidates sit at two or more sites (q, k, v of a layer):
+        one region of ``flat`` each, described by a :class:`~prunepeft.ops.GroupLayout`, so the
+        Triton path computes all their sites in one launch. A group whose layout does not qualify
+        (not one contiguous region, an output-tap member, a site with two output biases) is left
+        out: its sites run per site."""
+        self._groups: dict[int, tuple[int, int, GroupLayout]] = {}  # gid -> region off, unit off, layout
+        self._site_group: dict[str, int] = {}
+        self._pending = None  # (gid, x, grad enabled, {site: output}): siblings' outputs not yet taken
+        members: dict[int, list[int]] = {}
+        for c, w in enumerate(self._widths):
+            if w > 0:
+                members.setdefault(self._group_ids[c], []).append(c)
+        for gid, cands in members.items():
+            specs = [self.specs[c] for c in cands]
+            sites = list(dict.fromkeys(s.site for s in specs))
+            if len(sites) < 2 or any(s.tap != "input" for s in specs):
+                continue
+            slabs = sorted(((self._slabs[(s, "input")], s) for s in sites), key=lambda t: t[0].d_off)
+            start, unit0, in_dim = slabs[0][0].d_off, slabs[0][0].unit_off, slabs[0][0].in_dim
+            end = size = 0
+            for c in cands:
+                row, w, sp = self._cand[c], self._widths[c], self.specs[c]
+                ends = [row[0] + w * sp.in_dim, row[1] + w * sp.out_dim]
+                ends += [row[2] + w] if row[2] >= 0 else []
+                ends += [row[3] + sp.out_dim] if row[3] >= 0 else []
+                end = max(end, *ends)
+                size += (
+                    w * (sp.in_dim + sp.out_dim)
+                    + (w if row[2] >= 0 else 0)
+                    + (sp.out_dim if row[3] >= 0 else 0)
+                )
+            group_sites, width, ok = [], 0, end - start == size
+            for slab, site in slabs:
+                n_bu = sum(p[4] >= 0 for p in slab.pieces)
+                if slab.unit_off != unit0 + width or slab.d_off != start + width * in_dim or n_bu > 1:
+                    ok = False
+                    break
+                pieces = tuple(
+                    (lo, hi, act, bd - start if bd >= 0 else -1, bu - start if bu >= 0 else -1)
+                    for lo, hi, act, bd, bu in slab.pieces
+                )
+                group_sites.append(
+                    GroupSite(site, width, slab.width, slab.out_dim, slab.u_off - start, pieces)
+                )
+                width += slab.width
+            if not ok or width != sum(self._widths[c] for c in cands):
+                continue
+            self._groups[gid] = (start, unit0, GroupLayout(in_dim, width, size, tuple(group_sites)))
+            for site in sites:
+                self._site_group[site] = gid
 
     # ------------------------------------------------------------------ properties
     @property
@@ -341,6 +394,53 @@ class ModuleBank(nn.Module):
         scale = self.unit_scale.narrow(0, slab.unit_off, slab.width)
         return d, ut, pieces, scale
 
+    # ------------------------------------------------------------------ layout groups
+    def input_group(self, site: str) -> int | None:
+        """The layout group whose sites share ``site``'s input, if it spans two or more sites."""
+        return self._site_group.get(site)
+
+    def group(self, gid: int) -> tuple[torch.Tensor, GroupLayout, torch.Tensor]:
+        """``(region, layout, unit_scale)`` of group ``gid``: the 1-D view of ``flat`` holding all its
+        input-tap parameters (taken now, so gradients reach ``flat.grad``), where each site's lie in
+        it, and the group's slice of the unit scale."""
+        start, unit0, layout = self._groups[gid]
+        region = self.flat.narrow(0, start, layout.size)
+        return region, layout, self.unit_scale.narrow(0, unit0, layout.width)
+
+    def group_activation_buffer(self, gid: int, n_tokens: int) -> torch.Tensor | None:
+        """:meth:`activation_buffer` for all sites of group ``gid`` at once (their units are one range)."""
+        if not self.collect_activations:
+            return None
+        _, unit0, layout = self._groups[gid]
+        if self.act_sum is None or self.act_sum.numel() != self.total_units:
+            self.reset_activations()
+        self.act_tokens[unit0 : unit0 + layout.width] += n_tokens
+        return self.act_sum.narrow(0, unit0, layout.width)
+
+    def stash_group_outputs(self, gid: int, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
+        """Keep the outputs a group launch computed for ``site``'s siblings until they are called
+        with the same tensor ``x`` (at most one pending group per bank: this replaces any other)."""
+        self._pending = (gid, x, torch.is_grad_enabled(), dict(outputs)) if outputs else None
+
+    def take_group_output(self, site: str, x: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """``(pending, output)`` for ``site`` called on ``x``.
+
+        ``pending`` is False when no output of ``site`` is pending (the caller launches the group);
+        otherwise the entry is removed, and ``output`` is it when it was computed from this very
+        tensor ``x`` in the current grad mode, else None (the caller runs its own slab). The cache
+        is dropped once every sibling has taken (or refused) its output, so it keeps no tensor
+        alive after the group's sites have run.
+        """
+        p = self._pending
+        if p is None or self._site_group.get(site) != p[0] or site not in p[3]:
+            return False, None
+        out = p[3].pop(site)
+        if not p[3]:
+            self._pending = None
+        if p[1] is x and p[2] == torch.is_grad_enabled():
+            return True, out
+        return True, None
+
     def activation_buffer(self, site: str, tap: str, n_tokens: int) -> torch.Tensor | None:
         """The slice of ``act_sum`` for a slab while ``collect_activations`` is on (else None).
 
@@ -362,11 +462,16 @@ class ModuleBank(nn.Module):
     def activation_means(self) -> torch.Tensor:
         """Per current block: mean over its units and the tokens seen of ``|h|`` (0 if none seen).
 
+        Masked blocks get 0 on every backend: the fused kernels skip their units (nothing is added
+        to ``act_sum`` for them) while the reference adds their unmasked ``|h|``, and a masked block
+        is not eligible for pruning anyway, so its value carries no information.
+
         Returns float64 ``[num_blocks]``.
         """
         out = torch.zeros(self.num_blocks, dtype=torch.float64)
         if self.act_sum is None or self.act_sum.numel() != self.total_units:
             return out
+        live = self.block_mask.cpu()
         sums = self.act_sum.double().cpu()
         for c, row in enumerate(self._cand):
             w, n_blocks, first = row[4], row[5], row[6]
@@ -375,7 +480,8 @@ class ModuleBank(nn.Module):
             bs, lo = self.specs[c].block_size, self._unit_off[c]
             tok = self.act_tokens[lo : lo + w].view(n_blocks, bs).sum(1)
             s = sums[lo : lo + w].view(n_blocks, bs).sum(1)
-            out[first : first + n_blocks] = torch.where(tok > 0, s / tok.clamp_min(1), torch.zeros_like(s))
+            seen = (tok > 0) & live[first : first + n_blocks]
+            out[first : first + n_blocks] = torch.where(seen, s / tok.clamp_min(1), torch.zeros_like(s))
         return out
 
     # ------------------------------------------------------------------ masking

@@ -9,6 +9,13 @@ A site wraps one ``nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or GPT-2 ``Conv1D
 
 The base computation stays the wrapped module's own (bitsandbytes' NF4 kernels for a 4-bit base);
 the candidates run in the bank's dtype and are cast back to the base output's dtype.
+
+On the Triton path (:func:`prunepeft.ops.use_triton`), sites whose input-tap candidates share a
+layout group (q, k and v of a layer read one tensor) run together: the first of them called on a
+tensor ``x`` computes every site's input-tap output in one launch and leaves its siblings' outputs
+in the bank, keyed by the identity of ``x``; a sibling called with that same tensor (and grad mode)
+takes its output, one called with another tensor runs its own slab. Correctness never depends on
+the call order, and the reference path always runs site by site.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 from torch import nn
 
 from .bank import ModuleBank
-from .ops import bottleneck
+from .ops import bottleneck, bottleneck_group, use_triton
 
 
 class BottleneckSite(nn.Module):
@@ -33,7 +40,16 @@ class BottleneckSite(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         bank: ModuleBank = self.__dict__["bank"]
+        grouped = None  # this site's input-tap output, computed with its layout group
+        gid = bank.input_group(self.site_name)
+        if gid is not None and use_triton(x, bank.flat):
+            pending, grouped = bank.take_group_output(self.site_name, x)
+            if not pending:
+                grouped = self._group_forward(bank, gid, x)
         for tap in ("input", "output"):
+            if tap == "input" and grouped is not None:
+                y = y + grouped.to(y.dtype)
+                continue
             slab = bank.slab(self.site_name, tap)
             if slab is None:
                 continue
@@ -42,6 +58,21 @@ class BottleneckSite(nn.Module):
             act = bank.activation_buffer(self.site_name, tap, inp.numel() // inp.shape[-1])
             y = y + bottleneck(inp.to(d.dtype), d, ut, pieces, scale, act).to(y.dtype)
         return y
+
+    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor) -> torch.Tensor:
+        """All input-tap outputs of group ``gid`` on ``x`` in one launch; the siblings' are stashed."""
+        region, layout, scale = bank.group(gid)
+        act = bank.group_activation_buffer(gid, x.numel() // x.shape[-1])
+        outs = bottleneck_group(x.to(region.dtype), region, layout, scale, act)
+        mine = None
+        rest = {}
+        for s, out in zip(layout.sites, outs, strict=True):
+            if s.site == self.site_name:
+                mine = out
+            else:
+                rest[s.site] = out
+        bank.stash_group_outputs(gid, x, rest)
+        return mine
 
     def __getattr__(self, name: str):
         # behave like the wrapped layer for code that reads e.g. `.weight`, `.in_features`, `.nf`

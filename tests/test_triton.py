@@ -157,6 +157,211 @@ def test_import_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+# ----------------------------------------------------------------------------- layout groups
+
+# q: LoRA 8 + gelu parallel adapter 6 (out 21); k: LoRA 4 (out 9); v: LoRA 72 (out 13, two unit
+# tiles: read-modify-write of its output); in 19; blocks of 2 units
+GROUP = (("q", 21, 8, 6), ("k", 9, 4, 0), ("v", 13, 72, 0))
+
+
+def _group_bank(dtype, mask, seed=0):
+    from prunepeft.bank import CandidateSpec, ModuleBank
+
+    specs = []
+    for site, out, r, pa in GROUP:
+        common = dict(site=site, role=site, layer=0, in_dim=19, out_dim=out, block_size=2, group="attn_in")
+        specs.append(CandidateSpec(f"{site}:lora", "lora", width=r, scaling=2.0, **common))
+        if pa:
+            specs.append(CandidateSpec(f"{site}:pa", "parallel_adapter", width=pa, activation="gelu", bias=True, **common))  # fmt: skip
+    bank = ModuleBank(specs, dtype=dtype, device=DEV)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bank.flat.copy_((torch.randn(bank.flat.shape, generator=gen) * 0.5).to(dtype))
+    keep = torch.ones(bank.num_blocks, dtype=torch.bool)
+    if mask == "all":
+        keep[:] = False
+    elif mask == "random":
+        keep = torch.rand(bank.num_blocks, generator=gen) < 0.5
+        keep[0] = True
+    elif mask == "site":  # every block of k (the middle site: an empty tile between two live ones)
+        keep[list(bank.candidate_blocks(2))] = False
+    bank.set_block_mask(keep)
+    return bank
+
+
+def _group_run(bank, x, gouts, grouped: bool, dtype=None):
+    """Outputs, dx, dflat and Σ|h| of the group: one group call, or one reference call per site."""
+    flat = bank.flat if dtype is None else bank.flat.detach().to(dtype).requires_grad_()
+    x = x.detach().to(flat.dtype).requires_grad_()
+    habs = torch.zeros(bank.total_units, device=DEV)
+    gid = bank.input_group("q")
+    start, unit0, layout = bank._groups[gid]
+    region = flat.narrow(0, start, layout.size)
+    scale = bank.unit_scale.to(flat.dtype)
+    if grouped:
+        outs = tb.bottleneck_group(x, region, layout, scale.narrow(0, unit0, layout.width), habs.narrow(0, unit0, layout.width))  # fmt: skip
+    else:
+        outs = []
+        for site, *_ in GROUP:
+            sl = bank._slabs[(site, "input")]
+            d = flat.narrow(0, sl.d_off, sl.width * sl.in_dim).view(sl.width, sl.in_dim)
+            ut = flat.narrow(0, sl.u_off, sl.width * sl.out_dim).view(sl.width, sl.out_dim)
+            pieces = [Piece(lo, hi, a, flat.narrow(0, b, hi - lo) if b >= 0 else None,
+                            flat.narrow(0, u, sl.out_dim) if u >= 0 else None) for lo, hi, a, b, u in sl.pieces]  # fmt: skip
+            h = habs.narrow(0, sl.unit_off, sl.width)
+            outs.append(bottleneck_reference(x, d, ut, pieces, scale.narrow(0, sl.unit_off, sl.width), h))
+    gouts = [g.to(flat.dtype) for g in gouts]
+    dx, dflat = torch.autograd.grad(outs, [x, flat], gouts)
+    return [o.detach() for o in outs] + [dx, dflat], habs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", ["none", "random", "site", "all"])
+def test_group_matches_per_site_reference(dtype, mask):
+    """q, k, v of one layer (LoRAs + a parallel adapter on q, out widths 21 / 9 / 13) in one launch
+    equal three per-site reference calls: outputs, dx (summed over the sites), the flat gradient."""
+    bank = _group_bank(dtype, mask, seed=len(mask))
+    gen = torch.Generator().manual_seed(5)
+    lead = (1,) if mask == "site" else (3, 5)
+    x = torch.randn(*lead, 19, generator=gen).to(DEV)
+    gouts = [torch.randn(*lead, out, generator=gen).to(DEV) for _, out, *_ in GROUP]
+    got, h_got = _group_run(bank, x, gouts, grouped=True)
+    want, h_want = _group_run(bank, x, gouts, grouped=False)
+    names = ["out_q", "out_k", "out_v", "dx", "dflat"]
+    if dtype == torch.float32:
+        for n, g, w in zip(names, got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=n)
+    else:  # the 2x rule against an fp32 computation of the same reference
+        exact, _ = _group_run(bank, x, gouts, grouped=False, dtype=torch.float32)
+        for n, g, w, e in zip(names, got, want, exact, strict=True):
+            err_k = (g.float() - e).abs().max().item()
+            err_t = (w.float() - e).abs().max().item()
+            assert err_k <= 2 * err_t + 2e-3 * (1 + e.abs().max().item()), (n, err_k, err_t)
+    live = bank.unit_scale != 0
+    torch.testing.assert_close(h_got[live], h_want[live], rtol=1e-3, atol=1e-3)
+    assert torch.all(h_got[~live] == 0)
+    # masked units: their D / Ut rows get exactly no gradient
+    dflat = got[4]
+    for c in range(bank.num_candidates):
+        t = bank.candidate_tensors(c)
+        keep = bank.block_mask[list(bank.candidate_blocks(c))].repeat_interleave(2)
+        for name in ("D", "Ut"):
+            rows = dflat[t[name].storage_offset() - bank.flat.storage_offset() :][: t[name].numel()]
+            assert rows.view(t[name].shape)[~keep].abs().sum() == 0, (c, name)
+    if mask == "all":
+        assert got[3].abs().sum() == 0
+
+
+def _count_launches(monkeypatch):
+    from prunepeft_triton import bottleneck as K
+
+    calls = []
+    fwd = K.bottleneck_fwd
+    monkeypatch.setattr(K, "bottleneck_fwd", lambda *a, **k: calls.append("fwd") or fwd(*a, **k))
+    for name in ("bottleneck", "bottleneck_group"):
+        fn = getattr(tb, name)
+        monkeypatch.setattr(tb, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    return calls
+
+
+def _qkv_sites(bank):
+    from prunepeft.modules import BottleneckSite
+
+    torch.manual_seed(0)
+    return {site: BottleneckSite(torch.nn.Linear(19, out), site, bank).to(DEV) for site, out, *_ in GROUP}
+
+
+def test_group_cache_and_fallback(monkeypatch):
+    """The first site called on a tensor launches the group; a sibling called with that same tensor
+    takes its output, one called with another tensor (or in another grad mode) runs its own slab;
+    the cache keeps nothing once the siblings have run; results equal the reference path."""
+    monkeypatch.setenv("PRUNEPEFT_BACKEND", "triton")
+    calls = _count_launches(monkeypatch)
+    bank = _group_bank(torch.float32, "random", seed=2)
+    sites = _qkv_sites(bank)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 19, generator=gen).to(DEV).requires_grad_()
+    x2 = torch.randn(2, 4, 19, generator=gen).to(DEV).requires_grad_()
+
+    def run(order, inputs):
+        bank.flat.grad = None
+        outs = {s: sites[s](inputs[s]) for s in order}
+        loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs[s] for s, *_ in GROUP))
+        loss.backward()
+        grads = [x.grad.clone(), x2.grad.clone(), bank.flat.grad.clone()]
+        return [outs[s].detach() for s, *_ in GROUP] + grads
+
+    cases = [  # (call order, inputs, expected launches: fwd kernels, group calls)
+        ("qkv", dict(q=x, k=x, v=x), 1, 1),
+        ("vkq", dict(q=x, k=x, v=x), 1, 1),  # any site may come first
+        ("qkv", dict(q=x, k=x2, v=x), 2, 1),  # k on another tensor: its own launch, v still cached
+        ("kqv", dict(q=x2, k=x, v=x), 2, 1),  # k launched the group on x, q on x2 runs alone
+    ]
+    for order, inputs, n_fwd, n_group in cases:
+        x.grad = x2.grad = torch.zeros_like(x)
+        calls.clear()
+        got = run(order, inputs)
+        assert calls.count("fwd") == n_fwd and calls.count("bottleneck_group") == n_group, (order, calls)
+        assert bank._pending is None  # nothing kept alive
+        monkeypatch.setenv("PRUNEPEFT_BACKEND", "reference")
+        x.grad = x2.grad = torch.zeros_like(x)
+        want = run(order, inputs)
+        monkeypatch.setenv("PRUNEPEFT_BACKEND", "triton")
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # grad mode is part of the key: q under no_grad, k and v with grad -> they run alone
+    calls.clear()
+    with torch.no_grad():
+        sites["q"](x)
+    sites["k"](x)
+    sites["v"](x)
+    assert calls == ["bottleneck_group", "fwd", "bottleneck", "fwd", "bottleneck", "fwd"], calls
+    assert bank._pending is None
+    # a mask change drops pending outputs
+    sites["q"](x)
+    assert bank._pending is not None
+    bank.mask_blocks([1])
+    assert bank._pending is None
+
+
+SPACE_QKV = SpaceConfig(
+    lora_targets=("q", "k", "v", "o"), parallel_adapter_targets=("q",), serial_adapter_targets=("ffn",),
+    lora_rank=8, adapter_width=8, block_size=4, trainable_modules=(),
+)  # fmt: skip
+
+
+def _bert_qkv_steps(backend, monkeypatch, steps=2):
+    monkeypatch.setenv("PRUNEPEFT_BACKEND", backend)
+    calls = _count_launches(monkeypatch)
+    model, batch = tiny_model("bert")
+    handle = attach(model, SPACE_QKV)
+    handle.mask_blocks([1, 4, 9, 10])  # layer 0: a block of q's LoRA, k's LoRA, o's LoRA, the FFN adapter
+    handle.bank.collect_activations = True
+    opt = handle.optimizer(lr=1e-2)
+    losses = train_steps(model, opt, batch, steps)
+    return losses, list(calls), handle.bank
+
+
+def test_tiny_bert_one_launch_per_group(monkeypatch):
+    """BERT with LoRA on q, k, v, o, a parallel adapter on q and a serial adapter after the FFN:
+    per layer and step one forward launch for q, k, v (not three), one for o, one for the FFN
+    adapter; losses, parameters and activation means equal the reference path's."""
+    ref_losses, ref_calls, ref_bank = _bert_qkv_steps("reference", monkeypatch)
+    losses, calls, bank = _bert_qkv_steps("triton", monkeypatch)
+    assert not ref_calls
+    steps, layers = 2, 2
+    assert calls.count("bottleneck_group") == layers * steps, calls
+    assert calls.count("bottleneck") == 2 * layers * steps, calls  # o (input tap), FFN output (serial)
+    assert calls.count("fwd") == 3 * layers * steps, calls  # per-site would be 5 per layer
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(bank.flat.detach(), ref_bank.flat.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bank.act_tokens, ref_bank.act_tokens)
+    # masked blocks report 0 on both paths (the kernels never compute them); the rest agree
+    means, ref_means = bank.activation_means(), ref_bank.activation_means()
+    assert torch.all(means[~bank.block_mask.cpu()] == 0) and torch.all(ref_means[~bank.block_mask.cpu()] == 0)
+    torch.testing.assert_close(means, ref_means, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -211,7 +416,7 @@ SPACE = SpaceConfig(
 def _search_steps(backend, monkeypatch):
     monkeypatch.setenv("PRUNEPEFT_BACKEND", backend)
     calls = []
-    for name in ("bottleneck", "block_stats"):  # count what the triton backend computes
+    for name in ("bottleneck", "bottleneck_group", "block_stats"):  # count what the triton backend computes
         fn = getattr(tb, name)
         monkeypatch.setattr(tb, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     model, batch = tiny_model("bert")
@@ -226,8 +431,9 @@ def _search_steps(backend, monkeypatch):
     losses += train_steps(model, opt, batch, 1)
     handle.bank.collect_activations = False
     stats = handle.bank.accumulate_stats(1e-3, adalora=(0.85, 0.85))
-    if backend == "triton":  # 12 sites x (input + output tap where present) per step, 2 scorings
-        assert calls.count("bottleneck") >= 3 * 12 and calls.count("block_stats") == 2, calls
+    if backend == "triton":  # per layer and step: q+k+v as one group, o, up, 2 serial; 2 scorings
+        assert calls.count("bottleneck_group") == 3 * 2 and calls.count("block_stats") == 2, calls
+        assert calls.count("bottleneck") >= 3 * 2 * 4, calls
     else:
         assert not calls
     live = handle.bank.unit_scale != 0

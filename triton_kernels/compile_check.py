@@ -47,22 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         comp(
             B._bottleneck_fwd_kernel,
             dict(x_ptr=p, out_ptr=p, z_ptr=f, habs_ptr=f, stride_xm="i32", stride_om="i32", stride_zm="i32",
-                 d_ptr=p, ut_ptr=p, bd_ptr=p, bu_ptr=p, row_ptr=i, doff_ptr=i, uoff_ptr=i, act_ptr=i,
-                 scale_ptr=p, M="i32", K="i32", N="i32", R="i32"),
+                 d_ptr=p, ut_ptr=p, bd_ptr=p, bu_ptr=p, doff_ptr=i, uoff_ptr=i, bdoff_ptr=i, act_ptr=i,
+                 scale_ptr=p, tiles_ptr=i, M="i32", K="i32", R="i32", T="i32"),
             dict(HAS_BD=True, HAS_BU=True, STORE_Z=True, HAS_HABS=True, N_SPLIT=1, **acts, **blocks),
         )  # fmt: skip
         comp(
             B._bottleneck_bwd_dx_kernel,
             dict(g_ptr=p, z_ptr=f, dz_ptr=f, dx_ptr=p, stride_gm="i32", stride_zm="i32", stride_dxm="i32",
-                 d_ptr=p, ut_ptr=p, doff_ptr=i, uoff_ptr=i, act_ptr=i, scale_ptr=p,
-                 M="i32", K="i32", N="i32", R="i32"),
+                 d_ptr=p, ut_ptr=p, doff_ptr=i, uoff_ptr=i, act_ptr=i, scale_ptr=p, tiles_ptr=i,
+                 M="i32", K="i32", R="i32", T="i32"),
             dict(**acts, **blocks),
         )  # fmt: skip
         for from_z in (False, True):
             comp(
                 B._bottleneck_wgrad_kernel,
                 dict(a_ptr=f, b_ptr=p, out_ptr=p, stride_am="i32", stride_bm="i32", off_ptr=i, act_ptr=i,
-                     scale_ptr=p, M="i32", C="i32", R="i32"),
+                     scale_ptr=p, tiles_ptr=i, M="i32", C="i32", T="i32"),
                 dict(FROM_Z=from_z, DOT_PREC=prec, BLOCK_M=64, BLOCK_R=64, BLOCK_C=64, **acts),
             )  # fmt: skip
     t32, t64, ti = "*fp32", "*fp64", "*i64"

@@ -8,7 +8,9 @@ Same functions and semantics as :mod:`prunepeft.backends.reference` (the oracle)
 - :func:`plan`, :func:`compact`, :func:`select_prune` are host metadata ops; they are the C++
   backend's (the reference's when the extension is not built).
 - :func:`bottleneck` is :func:`prunepeft.ops.bottleneck_reference` computed by the batched
-  block-sparse kernels, one ``torch.autograd.Function`` (inputs through ``save_for_backward``).
+  block-sparse kernels, one ``torch.autograd.Function`` (inputs through ``save_for_backward``);
+  :func:`bottleneck_group` is :func:`prunepeft.ops.bottleneck_group_reference` (every site of a
+  layout group, e.g. q, k, v of one layer, in one launch) through the same Function.
 
 Importing this module imports neither Triton nor the kernels; they load on first use.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ import torch
 from . import native, reference
 from .reference import STAT_COLUMNS
 
-__all__ = ["available", "plan", "compact", "block_stats", "select_prune", "bottleneck", "STAT_COLUMNS"]
+__all__ = [
+    "available", "plan", "compact", "block_stats", "select_prune", "bottleneck", "bottleneck_group", "STAT_COLUMNS",
+]  # fmt: skip
 
 _ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -225,85 +228,150 @@ def block_stats(
 # --------------------------------------------------------------------------- bottleneck
 
 
-@dataclass(frozen=True)
-class _Units:
-    """The active-unit table of a slab (see :mod:`prunepeft_triton.bottleneck`)."""
-
-    table: torch.Tensor  # int64 [4, R]: row, D row offset, Ut row offset, activation code
-    scale: torch.Tensor  # [R], unit_scale of the active units
-    acts: tuple[bool, bool, bool]  # relu / gelu / silu present among the active units
+def _unit_rows(lo: int, hi: int, live: torch.Tensor) -> torch.Tensor:
+    """Indices ``j`` in ``[lo, hi)`` with ``live[j]`` (CPU int64)."""
+    return lo + live[lo:hi].nonzero().flatten()
 
 
-def _units(d: torch.Tensor, ut: torch.Tensor, pieces, unit_scale: torch.Tensor) -> _Units:
-    """Active units (``unit_scale != 0``) with their offsets; cached per mask (one host sync each)."""
-    sig = tuple((p.lo, p.hi, p.activation) for p in pieces)
+def _units(d: torch.Tensor, ut: torch.Tensor, pieces, unit_scale: torch.Tensor):
+    """The kernels' layout of one slab (active units ``unit_scale != 0``); cached per mask."""
+    from prunepeft_triton import bottleneck as K
+
+    sig = tuple((p.lo, p.hi, p.activation, p.bd is not None, p.bu is not None) for p in pieces)
     base = unit_scale._base if unit_scale._base is not None else unit_scale
     key = (unit_scale.storage_offset(), unit_scale.numel(), d.stride(0), ut.stride(0), str(d.device), sig)
 
-    def build() -> _Units:
-        codes = torch.zeros(unit_scale.numel(), dtype=torch.int64)
+    def build():
+        live = (unit_scale.detach() != 0).cpu()
+        has_bd = any(p.bd is not None for p in pieces)
+        cols = []
         for p in pieces:
-            codes[p.lo : p.hi] = _ACT_CODES[p.activation]
-        rows = (unit_scale.detach() != 0).nonzero().flatten().cpu()
-        act = codes[rows]
-        table = torch.stack([rows, rows * d.stride(0), rows * ut.stride(0), act]).to(d.device)
-        present = set(act.tolist())
-        return _Units(table, unit_scale.detach()[rows.to(unit_scale.device)].contiguous(),
-                      (1 in present, 2 in present, 3 in present))  # fmt: skip
+            rows = _unit_rows(p.lo, p.hi, live)
+            bd = rows if has_bd else torch.full_like(rows, -1)  # bd: the pieces' biases concatenated
+            act = torch.full_like(rows, _ACT_CODES[p.activation])
+            cols.append(torch.stack([rows, rows * d.stride(0), rows * ut.stride(0), bd, act]))
+        units = torch.cat(cols, 1) if cols else torch.zeros(5, 0, dtype=torch.int64)
+        scale = unit_scale.detach()[units[0].to(unit_scale.device)]
+        has_bu = any(p.bu is not None for p in pieces)
+        return K.make_layout(units, scale, [units.shape[1]], [ut.shape[1]], [0 if has_bu else -1], d.device)
+
+    return _unit_cache.get(base, key, build)
+
+
+def _group_units(layout, unit_scale: torch.Tensor, device):
+    """The kernels' layout of a layout group (see :class:`prunepeft.ops.GroupLayout`); cached per mask."""
+    from prunepeft_triton import bottleneck as K
+
+    base = unit_scale._base if unit_scale._base is not None else unit_scale
+    key = (unit_scale.storage_offset(), unit_scale.numel(), str(device), layout)
+
+    def build():
+        live = (unit_scale.detach() != 0).cpu()
+        K_in = layout.in_dim
+        cols, counts, outs, bu_offs = [], [], [], []
+        for s in layout.sites:
+            n = 0
+            bus = [p[4] for p in s.pieces if p[4] >= 0]
+            if len(bus) > 1:
+                raise ValueError(
+                    f"triton bottleneck_group: site {s.site} has {len(bus)} output biases (max 1)"
+                )
+            for lo, hi, act, bd_off, _ in s.pieces:
+                j = _unit_rows(s.lo + lo, s.lo + hi, live)  # units of the group
+                local = j - s.lo
+                bd = bd_off + (j - s.lo - lo) if bd_off >= 0 else torch.full_like(j, -1)
+                code = torch.full_like(j, _ACT_CODES[act])
+                cols.append(torch.stack([j, j * K_in, s.u_off + local * s.out_dim, bd, code]))
+                n += j.numel()
+            counts.append(n)
+            outs.append(s.out_dim)
+            bu_offs.append(bus[0] if bus else -1)
+        units = torch.cat(cols, 1) if cols else torch.zeros(5, 0, dtype=torch.int64)
+        scale = unit_scale.detach()[units[0].to(unit_scale.device)]
+        return K.make_layout(units, scale, counts, outs, bu_offs, device)
 
     return _unit_cache.get(base, key, build)
 
 
 class _BottleneckFn(torch.autograd.Function):
-    """``out = (act(x @ D.T + bd) * scale) @ Ut + bu`` over the active units; x is ``[M, K]``."""
+    """``out_s = (act(x @ D.T + bd) * scale) @ Ut_s + bu_s`` over the active units, per site ``s``.
+
+    ``x`` is ``[M, K]``; ``d``, ``ut``, ``bd``, ``bu`` are the base tensors the layout's offsets
+    index (the same tensor for a layout group's region: then its gradient is one buffer). ``meta``:
+    ``(block_r, n_out, max_out, rmw, acts, splits, bu_map)`` with ``splits`` the ``(column, width)``
+    of each output and ``bu_map`` the ``(column, width, offset into bu)`` of each output bias.
+    Returns one ``[M, width]`` output per site.
+    """
 
     @staticmethod
-    def forward(ctx, x, d, ut, bd, bu, table, scale, h_abs_sum, acts):
+    def forward(ctx, x, d, ut, bd, bu, units, scale, tiles, h_abs_sum, meta):
         from prunepeft_triton import bottleneck as K
 
-        rows = table[0]
+        lay = K.Layout(units, scale, tiles, *meta[:5])
+        splits, bu_map = meta[5], meta[6]
         needs = ctx.needs_input_grad
-        store_z = any(needs[:5])
-        if table.shape[1] == 0:  # everything masked: no launch
-            out = x.new_zeros(x.shape[0], ut.shape[1])
-            if bu is not None:
-                out += bu
-            z = None
+        store_z = any(needs[:4])
+        z = None
+        if lay.n_units == 0:  # everything masked: no launch, the outputs are the biases
+            out = x.new_zeros(x.shape[0], lay.n_out)
+            for col, n, off in bu_map:
+                out[:, col : col + n] += bu[off : off + n]
         else:
             out, z, habs = K.bottleneck_fwd(
-                x, d, ut, bd, bu, table, scale, acts, store_z=store_z, want_habs=h_abs_sum is not None
+                x, d, ut, bd, bu, lay, store_z=store_z, want_habs=h_abs_sum is not None
             )
             if habs is not None:
-                h_abs_sum.index_add_(0, rows.to(h_abs_sum.device), habs.sum(0).to(h_abs_sum.dtype))
-        ctx.acts = acts
-        ctx.has_bd, ctx.has_bu = bd is not None, bu is not None
-        ctx.save_for_backward(x, d, ut, table, scale, z)
-        return out
+                h_abs_sum.index_add_(0, units[0].to(h_abs_sum.device), habs.sum(0).to(h_abs_sum.dtype))
+        ctx.meta = meta
+        params = (d, ut, bd, bu)
+        # aliases: which earlier parameter input each one is (a group passes its region four times)
+        ctx.owner = [next(j for j in range(4) if params[j] is p) if p is not None else -1 for p in params]
+        ctx.save_for_backward(x, d, ut, bd, bu, units, scale, tiles, z)
+        return tuple(out.narrow(1, col, n) for col, n in splits)
 
     @staticmethod
-    def backward(ctx, gout):
+    def backward(ctx, *gouts):
         from prunepeft_triton import bottleneck as K
 
-        x, d, ut, table, scale, z = ctx.saved_tensors
-        need_x, need_d, need_u, need_bd, need_bu = ctx.needs_input_grad[:5]
+        x, d, ut, bd, bu, units, scale, tiles, z = ctx.saved_tensors
+        meta = ctx.meta
+        lay = K.Layout(units, scale, tiles, *meta[:5])
+        bu_map = meta[6]
+        needs = ctx.needs_input_grad
+        gout = gouts[0] if len(gouts) == 1 else torch.cat(gouts, 1)
         gout = gout.contiguous()
-        dx = dd = dut = dbd = dbu = None
-        if table.shape[1] == 0:
-            dx = torch.zeros_like(x) if need_x else None
-            dd = torch.zeros_like(d) if need_d else None
-            dut = torch.zeros_like(ut) if need_u else None
-            dbd = x.new_zeros(d.shape[0]) if need_bd else None
-        elif need_x or need_d or need_u or need_bd:
-            dx, dd, dut, dz = K.bottleneck_bwd(
-                gout, x, d, ut, table, scale, z, ctx.acts, need_dx=need_x, need_dd=need_d, need_dut=need_u
-            )
-            if need_bd:
-                dbd = torch.zeros(d.shape[0], dtype=torch.float32, device=x.device)
-                dbd.index_copy_(0, table[0], dz.sum(0))
-                dbd = dbd.to(d.dtype)
-        if need_bu and ctx.has_bu:
-            dbu = gout.sum(0, dtype=torch.float32).to(gout.dtype)
-        return dx, dd, dut, dbd, dbu, None, None, None, None
+        params = (d, ut, bd, bu)
+        bufs: dict[int, torch.Tensor] = {}
+        for i, p in enumerate(params):
+            o = ctx.owner[i]
+            if p is not None and needs[1 + i] and o not in bufs:
+                bufs[o] = torch.zeros_like(params[o])
+        buf = lambda i: bufs.get(ctx.owner[i]) if params[i] is not None else None  # noqa: E731
+        dx = None
+        if lay.n_units == 0:
+            dx = torch.zeros_like(x) if needs[0] else None
+        elif needs[0] or buf(0) is not None or buf(1) is not None or buf(2) is not None:
+            dx, dz = K.bottleneck_bwd(gout, x, d, ut, lay, z, need_dx=needs[0], dd=buf(0), dut=buf(1))
+            dbd = buf(2)
+            if dbd is not None:
+                has = units[3] >= 0
+                dbd.index_put_((units[3][has],), dz.sum(0)[has].to(dbd.dtype), accumulate=True)
+        dbu = buf(3)
+        if dbu is not None and bu_map:
+            gsum = gout.sum(0, dtype=torch.float32)
+            for col, n, off in bu_map:
+                dbu[off : off + n] += gsum[col : col + n].to(dbu.dtype)
+        grads = [bufs.get(i) for i in range(4)]  # an alias gets None: its owner carries the gradient
+        return dx, *grads, None, None, None, None, None
+
+
+def _meta(lay, splits, bu_map) -> tuple:
+    return (lay.block_r, lay.n_out, lay.max_out, lay.rmw, lay.acts, tuple(splits), tuple(bu_map))
+
+
+def _check_dtype(t: torch.Tensor, fn: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"triton {fn}: dtype {t.dtype} not supported (float32, float16, bfloat16)")
 
 
 def bottleneck(
@@ -318,10 +386,10 @@ def bottleneck(
 
     Units with ``unit_scale == 0`` (masked blocks) are skipped entirely: no loads, no FLOPs, their
     gradients are exactly 0, and ``h_abs_sum`` gets nothing added for them (the reference adds
-    their unmasked ``|h|``; a masked block is not scored again).
+    their unmasked ``|h|``; :meth:`prunepeft.bank.ModuleBank.activation_means` ignores masked
+    blocks on both paths).
     """
-    if d.dtype not in _DTYPES:
-        raise ValueError(f"triton bottleneck: dtype {d.dtype} not supported (float32, float16, bfloat16)")
+    _check_dtype(d, "bottleneck")
     _require(x.device.type)
     W, K = d.shape
     if ut.shape[0] != W or unit_scale.shape != (W,) or x.shape[-1] != K:
@@ -330,13 +398,55 @@ def bottleneck(
             f"unit_scale {tuple(unit_scale.shape)} do not fit ([..., in], [W, in], [W, out], [W])"
         )
     d, ut = d.contiguous(), ut.contiguous()
+    N = ut.shape[1]
     lead = x.shape[:-1]
     x2 = x.to(d.dtype).reshape(-1, K).contiguous()
-    units = _units(d, ut, pieces, unit_scale)
+    lay = _units(d, ut, pieces, unit_scale)
     bd = None
     if any(p.bd is not None for p in pieces):
         bd = torch.cat([p.bd if p.bd is not None else d.new_zeros(p.hi - p.lo) for p in pieces])
     bus = [p.bu for p in pieces if p.bu is not None]
     bu = None if not bus else (bus[0] if len(bus) == 1 else torch.stack(bus).sum(0))
-    out = _BottleneckFn.apply(x2, d, ut, bd, bu, units.table, units.scale, h_abs_sum, units.acts)
-    return out.reshape(*lead, ut.shape[1])
+    meta = _meta(lay, [(0, N)], [(0, N, 0)] if bu is not None else [])
+    (out,) = _BottleneckFn.apply(x2, d, ut, bd, bu, lay.units, lay.scale, lay.tiles, h_abs_sum, meta)
+    return out.reshape(*lead, N)
+
+
+def bottleneck_group(
+    x: torch.Tensor,
+    region: torch.Tensor,
+    layout,
+    unit_scale: torch.Tensor,
+    h_abs_sum: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """:func:`prunepeft.ops.bottleneck_group_reference` on the Triton kernels: every site of a
+    layout group in one forward launch (and one set of backward launches); same arguments.
+
+    ``dx`` is the sum over the sites; the region's gradient is one buffer (D, Ut, bias rows of the
+    active units; pruned rows stay exactly 0). Masked units as in :func:`bottleneck`.
+    """
+    _check_dtype(region, "bottleneck_group")
+    _require(x.device.type)
+    K = layout.in_dim
+    if region.dim() != 1 or region.numel() != layout.size or unit_scale.shape != (layout.width,):
+        raise ValueError(
+            f"triton bottleneck_group: region {tuple(region.shape)} / unit_scale {tuple(unit_scale.shape)} "
+            f"do not fit the layout ([{layout.size}] / [{layout.width}])"
+        )
+    if x.shape[-1] != K:
+        raise ValueError(f"triton bottleneck_group: x has {x.shape[-1]} features, the group reads {K}")
+    lead = x.shape[:-1]
+    x2 = x.to(region.dtype).reshape(-1, K).contiguous()
+    lay = _group_units(layout, unit_scale, region.device)
+    splits, bu_map, col = [], [], 0
+    for s in layout.sites:
+        splits.append((col, s.out_dim))
+        bu_map += [(col, s.out_dim, p[4]) for p in s.pieces if p[4] >= 0]
+        col += s.out_dim
+    has_bd = any(p[3] >= 0 for s in layout.sites for p in s.pieces)
+    meta = _meta(lay, splits, bu_map)
+    outs = _BottleneckFn.apply(
+        x2, region, region, region if has_bd else None, region if bu_map else None,
+        lay.units, lay.scale, lay.tiles, h_abs_sum, meta,
+    )  # fmt: skip
+    return [o.reshape(*lead, s.out_dim) for o, s in zip(outs, layout.sites, strict=True)]
