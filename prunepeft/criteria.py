@@ -80,10 +80,12 @@ def criterion_values(
     count_c = cand_tot[:, _col("count")]
     act_b = bank.activation_means()
     act_c = torch.full((n,), float("nan"), dtype=torch.float64)
+    live = bank.block_mask.cpu()
     for c in range(n):
         blocks = bank.candidate_blocks(c)
-        if len(blocks):
-            act_c[c] = act_b[blocks.start : blocks.stop].mean()
+        keep = live[blocks.start : blocks.stop]
+        if keep.any():  # masked blocks see no tokens (the kernels skip them): average the live ones
+            act_c[c] = act_b[blocks.start : blocks.stop][keep].mean()
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, crit in CRITERIA.items():
         if crit.column is None:
