@@ -291,6 +291,36 @@ def compact(
     return new, gather, block_gather
 
 
+def check_segments(
+    seg_t: torch.Tensor, total: int, n_owners: int, disjoint: bool, fn: str = "block_stats"
+) -> None:
+    """Validate a segment table against a flat array of ``total`` elements and ``n_owners`` owners.
+
+    ``disjoint``: also require non-overlapping segments (in-place per-element updates need it).
+    Raises ``ValueError`` naming the first bad row.
+    """
+    offs, lens, owners = seg_t.unbind(1)
+    bad = (offs < 0) | (lens < 0) | (offs > total) | (lens > total - offs)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        o, ln, w = seg_t[i].tolist()
+        raise ValueError(f"{fn}: seg[{i}] = ({o}, {ln}, {w}) lies outside param of {total} elements")
+    bad = (owners < 0) | (owners >= n_owners)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{fn}: seg[{i}] owner = {int(owners[i])} is outside [0, n_owners = {n_owners})")
+    if disjoint:
+        nz = (lens > 0).nonzero().flatten()
+        order = nz[torch.argsort(offs[nz], stable=True)]
+        ends = offs[order] + lens[order]
+        clash = (offs[order][1:] < ends[:-1]).nonzero().flatten()
+        if clash.numel():
+            a, b = sorted((int(order[clash[0]]), int(order[clash[0] + 1])))
+            raise ValueError(
+                f"{fn}: seg[{a}] and seg[{b}] overlap; in-place sens/unc updates need disjoint segments"
+            )
+
+
 def block_stats(
     param: torch.Tensor,
     grad: torch.Tensor | None,
@@ -370,26 +400,8 @@ def block_stats(
     if int(n_threads) < 0:
         raise ValueError(f"{fn}: n_threads = {int(n_threads)} must be >= 0 (0 = all hardware threads)")
 
+    check_segments(seg_t, total, n_owners, disjoint=sens is not None, fn=fn)
     offs, lens, owners = seg_t.unbind(1)
-    bad = (offs < 0) | (lens < 0) | (offs > total) | (lens > total - offs)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        o, ln, w = seg_t[i].tolist()
-        raise ValueError(f"{fn}: seg[{i}] = ({o}, {ln}, {w}) lies outside param of {total} elements")
-    bad = (owners < 0) | (owners >= n_owners)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{fn}: seg[{i}] owner = {int(owners[i])} is outside [0, n_owners = {n_owners})")
-    if sens is not None:
-        nz = (lens > 0).nonzero().flatten()
-        order = nz[torch.argsort(offs[nz], stable=True)]
-        ends = offs[order] + lens[order]
-        clash = (offs[order][1:] < ends[:-1]).nonzero().flatten()
-        if clash.numel():
-            a, b = sorted((int(order[clash[0]]), int(order[clash[0] + 1])))
-            raise ValueError(
-                f"{fn}: seg[{a}] and seg[{b}] overlap; in-place sens/unc updates need disjoint segments"
-            )
 
     # Element index and owner of every covered element.
     n_elem = int(lens.sum())

@@ -142,27 +142,7 @@ def _check_block_stats(param, grad, seg, n_owners, threshold, sens, unc, beta1, 
 
 def _check_seg(seg_t: torch.Tensor, total: int, n_owners: int, sens) -> None:
     """The segment table's checks (cached with the table's owner CSR: a table is checked once)."""
-    fn = "block_stats"
-    offs, lens, owners = seg_t.unbind(1)
-    bad = (offs < 0) | (lens < 0) | (offs > total) | (lens > total - offs)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        o, ln, w = seg_t[i].tolist()
-        raise ValueError(f"{fn}: seg[{i}] = ({o}, {ln}, {w}) lies outside param of {total} elements")
-    bad = (owners < 0) | (owners >= n_owners)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{fn}: seg[{i}] owner = {int(owners[i])} is outside [0, n_owners = {n_owners})")
-    if sens is not None:
-        nz = (lens > 0).nonzero().flatten()
-        order = nz[torch.argsort(offs[nz], stable=True)]
-        ends = offs[order] + lens[order]
-        clash = (offs[order][1:] < ends[:-1]).nonzero().flatten()
-        if clash.numel():
-            a, b = sorted((int(order[clash[0]]), int(order[clash[0] + 1])))
-            raise ValueError(
-                f"{fn}: seg[{a}] and seg[{b}] overlap; in-place sens/unc updates need disjoint segments"
-            )
+    reference.check_segments(seg_t, total, n_owners, disjoint=sens is not None)
 
 
 def block_stats(
