@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--granularity", default="block")
     args = ap.parse_args()
-    rows = []
     for task_name in args.tasks:
         task = load_task(train=os.path.join(SHARED, task_name, "train.tsv"), eval=os.path.join(SHARED, task_name, "dev.tsv"),
                          max_examples=args.train)  # fmt: skip
@@ -49,12 +48,12 @@ def main() -> None:
             primary = task.primary_metric
             first, last = res.history[0]["step_seconds"], res.history[-1]["step_seconds"]
             ratio = res.search_seconds / res.final["seconds"]
-            rows.append({"task": task_name, "seed": seed, "method": f"prunepeft_hybrid_{args.granularity}",
+            rows = [{"task": task_name, "seed": seed, "method": f"prunepeft_hybrid_{args.granularity}",
                          "params": res.params, "budget": res.budget, "metric": primary,
                          "value": res.final["metrics"][primary], "search_s": res.search_seconds,
                          "final_s": res.final["seconds"], "search_over_final": ratio,
                          "first_round_step_ms": first * 1e3, "last_round_step_ms": last * 1e3,
-                         "steps": args.steps, "kept": len(res.kept)})  # fmt: skip
+                         "steps": args.steps, "kept": len(res.kept)}]  # fmt: skip
             print(f"{task_name} seed {seed}: prunepeft {primary} {res.final['metrics'][primary]:.4f} "
                   f"({res.params:,} params, {len(res.kept)} modules), search/final {ratio:.3f}, "
                   f"step {first * 1e3:.0f} -> {last * 1e3:.0f} ms")  # fmt: skip
@@ -67,7 +66,7 @@ def main() -> None:
             print(
                 f"{task_name} seed {seed}: uniform LoRA {primary} {base['metrics'][primary]:.4f} ({base['params']:,} params)"
             )
-    print("wrote", append_rows("search_vs_lora", rows))
+            print("wrote", append_rows("search_vs_lora", rows))  # per (task, seed): an interrupted run keeps its rows
 
 
 if __name__ == "__main__":
