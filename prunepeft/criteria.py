@@ -44,10 +44,6 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
-def criterion_names() -> tuple[str, ...]:
-    return tuple(CRITERIA)
-
-
 def _col(name: str) -> int:
     return STAT_COLUMNS.index(name)
 
