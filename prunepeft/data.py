@@ -234,60 +234,53 @@ def _header_or_positions(first: list[str], header: bool, path: Path) -> list[str
     return first
 
 
-def _read_tsv(path: Path, header: bool, limit: int | None) -> _Table:
+def _table_from_rows(path: Path, header: bool, limit: int | None, lines, what: str) -> _Table:
+    """Build a table from ``(line number, fields)`` pairs: header (or positional names), row limit,
+    and the field-count check shared by the TSV and CSV readers."""
     columns: list[str] | None = None
     rows: list[dict[str, Any]] = []
     where: list[str] = []
-    # newline="\n": only \n ends a line (a stray \r inside a sentence stays in it); a CRLF file's \r is cut.
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line[:-1] if line.endswith("\n") else line
-            line = line[:-1] if line.endswith("\r") else line
-            if not line:
+    for lineno, fields in lines:
+        if columns is None:
+            columns = _header_or_positions(fields, header, path)
+            if header:
                 continue
-            fields = line.split("\t")
-            if columns is None:
-                columns = _header_or_positions(fields, header, path)
-                if header:
-                    continue
-            if limit is not None and len(rows) >= limit:
-                break
-            if len(fields) != len(columns):
-                raise ValueError(
-                    f"{path}, line {lineno}: {len(fields)} tab-separated fields, expected {len(columns)} "
-                    f"({', '.join(columns)})"
-                )
-            rows.append(dict(zip(columns, fields, strict=True)))
-            where.append(f"line {lineno}")
+        if limit is not None and len(rows) >= limit:
+            break
+        if len(fields) != len(columns):
+            raise ValueError(
+                f"{path}, line {lineno}: {len(fields)} {what}, expected {len(columns)} ({', '.join(columns)})"
+            )
+        rows.append(dict(zip(columns, fields, strict=True)))
+        where.append(f"line {lineno}")
     return _Table(str(path), columns or [], rows, where)
+
+
+def _read_tsv(path: Path, header: bool, limit: int | None) -> _Table:
+    def lines():
+        # newline="\n": only \n ends a line (a stray \r inside a sentence stays in it); a CRLF file's \r is cut.
+        with open(path, encoding="utf-8-sig", newline="\n") as f:
+            for lineno, line in enumerate(f, start=1):
+                line = line[:-1] if line.endswith("\n") else line
+                line = line[:-1] if line.endswith("\r") else line
+                if line:
+                    yield lineno, line.split("\t")
+
+    return _table_from_rows(path, header, limit, lines(), "tab-separated fields")
 
 
 def _read_csv(path: Path, header: bool, limit: int | None) -> _Table:
-    columns: list[str] | None = None
-    rows: list[dict[str, Any]] = []
-    where: list[str] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            for fields in reader:
-                if not fields:
-                    continue
-                if columns is None:
-                    columns = _header_or_positions(fields, header, path)
-                    if header:
-                        continue
-                if limit is not None and len(rows) >= limit:
-                    break
-                if len(fields) != len(columns):
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: {len(fields)} fields, expected {len(columns)} "
-                        f"({', '.join(columns)})"
-                    )
-                rows.append(dict(zip(columns, fields, strict=True)))
-                where.append(f"line {reader.line_num}")
-        except csv.Error as e:
-            raise ValueError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from None
-    return _Table(str(path), columns or [], rows, where)
+    def lines():
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            try:
+                for fields in reader:
+                    if fields:
+                        yield reader.line_num, fields
+            except csv.Error as e:
+                raise ValueError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from None
+
+    return _table_from_rows(path, header, limit, lines(), "fields")
 
 
 def _read_jsonl(path: Path, limit: int | None) -> _Table:
