@@ -6,7 +6,7 @@ extension, Triton, bitsandbytes) is missing.
 
 from __future__ import annotations
 
-from .api import SearchConfig, SearchError, SearchResult, finetune, search
+from .api import SearchConfig, SearchError, SearchResult, evaluate, finetune, search
 from .backends import available_backends, get_backend
 from .bank import KINDS, STAT_COLUMNS, CandidateSpec, ModuleBank
 from .criteria import CRITERIA
@@ -34,6 +34,7 @@ __all__ = [
     "SearchConfig",
     "SearchError",
     "SearchResult",
+    "evaluate",
     "export_peft",
     "finetune",
     "load",

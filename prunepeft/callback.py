@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .api import SearchConfig, base_param_count, default_budget
+from .config import SearchConfig
 from .pruner import Pruner
-from .scheduler import resolve_budget
+from .scheduler import base_param_count, default_budget, resolve_budget
 from .supernet import attach
 
 

@@ -38,11 +38,14 @@ def _model_path(name: str) -> str:
     return name
 
 
-def _load_model(name: str, task, load_in_4bit: bool = False):
+def _load_model(name: str, task, load_in_4bit: bool = False, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .finetune import seed_everything
+
     path = _model_path(name)
+    seed_everything(seed)  # a new task head is drawn at load: the same seed gives the same head
     kw = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -125,10 +128,10 @@ def _cmd_search(args) -> int:
         out = Path(args.out)
         _model_path(args.model)
         cfg = _search_config(args)  # validate before writing anything
-        from .api import _check_writable
+        from .searcher import check_writable
 
         try:
-            _check_writable(out)
+            check_writable(out)
         except ValueError as e:
             raise SystemExit(f"prunepeft: {e}") from None
         if (out / "result.json").exists():
@@ -138,7 +141,7 @@ def _cmd_search(args) -> int:
         )
     cfg = _search_config(args)
     task = _task(args)
-    model, tok = _load_model(args.model, task, args.load_in_4bit)
+    model, tok = _load_model(args.model, task, args.load_in_4bit, args.seed)
     try:
         result = search(model, task, config=cfg, tokenizer=tok, output_dir=out, resume=bool(args.resume),
                         progress=not args.quiet, log=None if args.quiet else print)  # fmt: skip
@@ -156,7 +159,7 @@ def _cmd_search(args) -> int:
 def _load_found(args, task):
     from .export import load
 
-    model, tok = _load_model(args.model, task, getattr(args, "load_in_4bit", False))
+    model, tok = _load_model(args.model, task, getattr(args, "load_in_4bit", False), getattr(args, "seed", 0))
     weights = Path(args.result) / "weights"
     return model, tok, load(model, weights if weights.exists() else args.result)
 
@@ -181,14 +184,14 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .api import SearchConfig, _prepare_data, evaluate
+    from .api import SearchConfig, evaluate, prepare_data
 
     if not args.eval:
         raise SystemExit("prunepeft eval: --eval is required")
     task = _task(args, need_train=False)
     model, tok, handle = _load_found(args, task)
-    data = _prepare_data(model, task, None, SearchConfig(max_length=args.max_length), tok)
-    print(json.dumps(evaluate(model, data), indent=2))
+    data = prepare_data(model, task, None, SearchConfig(max_length=args.max_length, val_examples=0), tok)
+    print(json.dumps(evaluate(model, data, "eval"), indent=2))
     return 0
 
 
@@ -229,7 +232,7 @@ def _cmd_demo(args) -> int:
     cfg = DemoConfig(seed=args.seed)
     if args.quick:
         cfg = DemoConfig(seed=args.seed, train_docs=96, test_docs=48, max_length=64, batch_size=8, final_steps=4,
-                         search={"warmup_steps": 2, "rounds": 2, "steps_per_round": 2, "eval_max_examples": 16})  # fmt: skip
+                         search={"warmup_steps": 2, "rounds": 2, "steps_per_round": 2, "round_eval_examples": 16})  # fmt: skip
     run(cfg, output_dir=args.out, progress=not args.quiet)
     return 0
 

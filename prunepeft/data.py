@@ -172,6 +172,81 @@ class Task:
         rng.shuffle(picked)
         return [self.train[i] for i in picked]
 
+    def split_validation(self, size: int | float | None = None, seed: int = 0) -> tuple[Task, list[Example]]:
+        """Carve a validation split out of the training data: ``(task without it, validation examples)``.
+
+        The split every decision of a search or a benchmark uses (in-search evaluation, learning-rate
+        choice), so that the eval set is read only once, for the final metric.
+
+        Args:
+            size: examples to hold out: an ``int``, or a ``float`` in (0, 1) meaning that fraction of
+                the training data. ``None``: :data:`DEFAULT_VALIDATION` (10 %, at most 1,000). 0
+                holds out nothing.
+            seed: the draw (the default 0 gives the same split whatever the training seed, so every
+                seed of a benchmark trains on the same examples and is selected on the same split).
+
+        The split is deterministic and class-stratified: classification holds out
+        ``round(size * share)`` examples of every class, at least one of each class that has two or
+        more (so every class is validated and still trained on); regression takes evenly spaced
+        examples of the label-sorted data (the whole label range); causal_lm a seeded random subset.
+        Held-out and remaining examples both keep the training file's order.
+        """
+        n = len(self.train)
+        k = resolve_validation_size(size, n)
+        if k == 0:
+            return self, []
+        if k >= n:
+            raise ValueError(
+                f"validation size {size!r} would hold out all {n} training examples; choose fewer"
+            )
+        rng = random.Random(seed)
+        if self.kind == "classification":
+            groups: dict[int, list[int]] = {}
+            for i, ex in enumerate(self.train):
+                groups.setdefault(int(ex.label), []).append(i)  # type: ignore[arg-type]
+            # largest-remainder apportionment of k over the classes, >= 1 per class of >= 2 examples
+            shares = {c: k * len(g) / n for c, g in groups.items()}
+            quota = {
+                c: min(len(g) - 1, max(1, int(shares[c]))) if len(g) > 1 else 0 for c, g in groups.items()
+            }
+            order = sorted(groups, key=lambda c: (int(shares[c]) - shares[c], c))
+            while sum(quota.values()) < k and any(quota[c] < len(groups[c]) - 1 for c in order):
+                for c in order:
+                    if sum(quota.values()) < k and quota[c] < len(groups[c]) - 1:
+                        quota[c] += 1
+            held = set()
+            for c in sorted(groups):
+                held.update(rng.sample(groups[c], quota[c]))
+        elif self.kind == "regression":
+            by_label = sorted(range(n), key=lambda i: (float(self.train[i].label), i))  # type: ignore[arg-type]
+            offset = rng.random()
+            held = {by_label[min(n - 1, int((j + offset) * n / k))] for j in range(k)}
+        else:
+            held = set(rng.sample(range(n), k))
+        val = [ex for i, ex in enumerate(self.train) if i in held]
+        rest = [ex for i, ex in enumerate(self.train) if i not in held]
+        return Task(self.kind, rest, self.eval, self.label_names, self.text_columns, self.label_column), val
+
+
+DEFAULT_VALIDATION = 0.1
+"""Default validation split: 10 % of the training examples, at most :data:`MAX_DEFAULT_VALIDATION`."""
+MAX_DEFAULT_VALIDATION = 1000
+
+
+def resolve_validation_size(size: int | float | None, n_train: int) -> int:
+    """The number of examples a validation ``size`` (see :meth:`Task.split_validation`) holds out of ``n_train``."""
+    if size is None:
+        return min(MAX_DEFAULT_VALIDATION, int(round(DEFAULT_VALIDATION * n_train)))
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"validation size must be an int, a fraction in (0, 1) or None, got {size!r}")
+    if isinstance(size, float):
+        if not 0 < size < 1:
+            raise ValueError(f"a fractional validation size must be in (0, 1), got {size}")
+        return max(1, int(round(size * n_train)))
+    if size < 0:
+        raise ValueError(f"validation size must be >= 0, got {size}")
+    return size
+
 
 # --------------------------------------------------------------------------------------------------
 # reading tables

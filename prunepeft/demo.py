@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import SearchConfig, finetune, search
+from .api import SearchConfig, finetune, search, seed_everything
 from .data import Example, Task
 from .space import SpaceConfig
 
@@ -88,12 +88,14 @@ def run(cfg: DemoConfig | None = None, log=print, output_dir=None, progress: boo
                               batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, **(cfg.search or {}))  # fmt: skip
     log(f"demo: all-MiniLM-L6-v2 on BBC News ({len(task.train)} train / {len(task.eval)} held-out articles, "
         f"{task.num_labels} classes)")  # fmt: skip
+    seed_everything(cfg.seed)  # the new classification head is drawn at load
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
     result = search(
         model, task, config=search_cfg, tokenizer=tok, output_dir=output_dir, log=log, progress=progress
     )
     log(result.summary())
     log("uniform LoRA r=8 on query,value at the same budget, same steps:")
+    seed_everything(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
     base = finetune(model, task, config=search_cfg, space=BASELINE_SPACE, tokenizer=tok, log=log)
     found, uni = result.final["metrics"]["accuracy"], base["metrics"]["accuracy"]

@@ -40,12 +40,14 @@ class BottleneckSite(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         bank: ModuleBank = self.__dict__["bank"]
+        # statistics come from training forwards only: an evaluation leaves them untouched
+        collect = self.training and torch.is_grad_enabled()
         grouped = None  # this site's input-tap output, computed with its layout group
         gid = bank.input_group(self.site_name)
         if gid is not None and use_triton(x, bank.flat):
             pending, grouped = bank.take_group_output(self.site_name, x)
             if not pending:
-                grouped = self._group_forward(bank, gid, x)
+                grouped = self._group_forward(bank, gid, x, collect)
         for tap in ("input", "output"):
             if tap == "input" and grouped is not None:
                 y = y + grouped.to(y.dtype)
@@ -55,14 +57,16 @@ class BottleneckSite(nn.Module):
                 continue
             d, ut, pieces, scale = slab
             inp = x if tap == "input" else y
-            act = bank.activation_buffer(self.site_name, tap, inp.numel() // inp.shape[-1])
+            act = (
+                bank.activation_buffer(self.site_name, tap, inp.numel() // inp.shape[-1]) if collect else None
+            )
             y = y + bottleneck(inp.to(d.dtype), d, ut, pieces, scale, act).to(y.dtype)
         return y
 
-    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor) -> torch.Tensor:
+    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor, collect: bool) -> torch.Tensor:
         """All input-tap outputs of group ``gid`` on ``x`` in one launch; the siblings' are stashed."""
         region, layout, scale = bank.group(gid)
-        act = bank.group_activation_buffer(gid, x.numel() // x.shape[-1])
+        act = bank.group_activation_buffer(gid, x.numel() // x.shape[-1]) if collect else None
         outs = bottleneck_group(x.to(region.dtype), region, layout, scale, act)
         mine = None
         rest = {}

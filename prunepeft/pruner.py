@@ -90,9 +90,10 @@ class RoundRecord:
     score_min: float
     score_max: float
     loss: float = math.nan
-    eval: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)  # metrics on the validation split
     seconds: float = 0.0
     step_seconds: float = 0.0
+    probs: dict[str, float] = field(default_factory=dict)  # hybrid: Eq. 1's p(m) of every scored unit
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -244,6 +245,7 @@ class Pruner:
             loss=sum(self._round_losses) / len(self._round_losses) if self._round_losses else math.nan,
             seconds=time.perf_counter() - self._round_t0,
             step_seconds=_median(self._round_step_s),
+            probs=self._probs(names, eligible),
         )
         self.history.append(rec)
         bank.reset_stats()
@@ -253,6 +255,13 @@ class Pruner:
         self._round_t0 = time.perf_counter()
         self._round_losses, self._round_step_s = [], []
         return rec
+
+    def _probs(self, names: list[str], eligible: torch.Tensor) -> dict[str, float]:
+        """Eq. 1's probabilities of the last scoring (hybrid strategy only), rounded for the record."""
+        probs = getattr(self.strategy, "last_probs", None)
+        if probs is None:
+            return {}
+        return {names[i]: float(f"{float(probs[i]):.6g}") for i in eligible.nonzero().flatten().tolist()}
 
     def _unit_names(self, granularity: str) -> list[str]:
         bank = self.handle.bank

@@ -14,32 +14,55 @@ SCHEDULES = ("linear", "cubic")
 def resolve_budget(budget: int | float | str, base_params: int) -> int:
     """A budget as an absolute parameter count.
 
-    ``int``: that many parameters. ``str`` ending in ``%`` or a ``float``: a percentage of the base
-    model's parameters (``"0.5%"`` and ``0.5`` both mean 0.5 %).
+    ``int`` (or a string of digits, ``"73,728"``): that many parameters. ``str`` ending in ``%``:
+    a percentage of the base model's parameters (``"0.5%"``). ``float`` in (0, 1), or a string of
+    one (``"0.005"``): a fraction of them (0.005 = 0.5 %).
     """
+    accepted = "an integer number of parameters (73728), a percentage ('0.5%') or a fraction below 1 (0.005)"
     if isinstance(budget, bool):
-        raise ValueError(f"budget must be a number of parameters or a percentage, got {budget!r}")
+        raise ValueError(f"budget must be {accepted}, got {budget!r}")
     if isinstance(budget, str):
-        text = budget.strip()
-        if text.endswith("%"):
-            try:
-                budget = float(text[:-1])
-            except ValueError:
-                raise ValueError(f"budget {budget!r} is not a percentage like '0.5%'") from None
-        else:
-            try:
-                budget = int(text.replace(",", "").replace("_", ""))
-            except ValueError:
-                raise ValueError(
-                    f"budget {budget!r} is neither an integer nor a percentage like '0.5%'"
-                ) from None
+        text = budget.strip().replace(",", "").replace("_", "")
+        try:
+            if text.endswith("%"):
+                pct = float(text[:-1])
+                if not 0 < pct < 100 or not math.isfinite(pct):
+                    raise ValueError
+                return max(1, int(base_params * pct / 100))
+            budget = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"budget {budget!r} is not {accepted}") from None
     if isinstance(budget, float):
-        if not 0 < budget < 100 or not math.isfinite(budget):
-            raise ValueError(f"budget percentage must be in (0, 100), got {budget}")
-        return max(1, int(base_params * budget / 100))
+        if budget.is_integer() and budget >= 1:
+            budget = int(budget)
+        elif not 0 < budget < 1 or not math.isfinite(budget):
+            raise ValueError(f"budget {budget!r} is not {accepted}")
+        else:
+            return max(1, int(base_params * budget))
     if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
+        raise ValueError(f"budget {budget!r} is not {accepted}")
     return budget
+
+
+def default_budget(space) -> int:
+    """Parameters of peft LoRA r=8 on the attention query and value projections of every layer of
+    ``space`` (a :class:`~prunepeft.space.SearchSpace`, or anything with ``.space``)."""
+    space = getattr(space, "space", space)
+    sites = [s for s in space.sites if s.role in ("q", "v")]
+    if not sites:
+        raise ValueError(
+            f"{space.model_type} has no separate q/v projections: give SearchConfig(budget=...) explicitly"
+        )
+    return sum(8 * (s.in_dim + s.out_dim) for s in sites)
+
+
+def base_param_count(model) -> int:
+    """Parameters of the base model (4-bit weights counted by their logical shape)."""
+    n = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        n += int(qs.shape.numel()) if qs is not None and hasattr(qs, "shape") else p.numel()
+    return n
 
 
 def round_targets(start: int, budget: int, rounds: int, schedule: str = "linear") -> list[int]:

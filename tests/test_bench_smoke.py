@@ -46,7 +46,7 @@ def one_thread():
 
 def test_every_method_runs_and_reports(bb, tmp_path, monkeypatch, one_thread):
     cfg = replace(bb.QUICK, mode="smoke", steps=2, warmup_steps=1, rounds=1, steps_per_round=1, lrs=(1e-3,),
-                  eval_max_examples=4)  # fmt: skip
+                  round_eval_examples=4)  # fmt: skip
     make_model = lambda: tiny_model("bert")[0]  # noqa: E731
     budget = bb.budget_params(make_model(), "r8")
     train, dev = _batches(3, 0), _batches(2, 1)

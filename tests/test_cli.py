@@ -44,7 +44,7 @@ def test_bbc_news_loads_in_a_fixed_order():
 def test_quick_demo_runs_a_real_search_and_a_baseline():
     lines = []
     cfg = DemoConfig(train_docs=64, test_docs=24, max_length=32, batch_size=8, final_steps=2,
-                     search={"warmup_steps": 2, "rounds": 2, "steps_per_round": 2, "eval_max_examples": 8})  # fmt: skip
+                     search={"warmup_steps": 2, "rounds": 2, "steps_per_round": 2, "round_eval_examples": 8})  # fmt: skip
     out = run(cfg, log=lines.append)
     assert out["params"] <= out["budget"] == out["baseline_params"] == 73_728
     assert [h["round"] for h in out["history"]] == [1, 2]

@@ -34,7 +34,7 @@ def _batches(n=6, bs=8, seq=12, seed=0, labels=3, causal=False):
 
 def _cfg(**kw):
     base = dict(space=SPACE, budget=2000, rounds=3, steps_per_round=3, warmup_steps=3, final_steps=3,
-                eval_max_examples=None, lr=1e-2)  # fmt: skip
+                round_eval_examples=None, lr=1e-2)  # fmt: skip
     base.update(kw)
     return SearchConfig(**base)
 
@@ -222,9 +222,10 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch):
     [
         (dict(budget=10**7), "above the supernet"),
         (dict(budget=5), "below one block"),
-        (dict(budget=0), "positive number"),
-        (dict(budget="abc"), "neither an integer nor a percentage"),
-        (dict(budget="150%"), r"percentage must be in \(0, 100\)"),
+        (dict(budget=0), "is not an integer number of parameters"),
+        (dict(budget="abc"), r"is not an integer number of parameters \(73728\), a percentage"),
+        (dict(budget="150%"), "'150%' is not an integer"),
+        (dict(budget=1.5), "or a fraction below 1"),
         (dict(granularity="layer"), "granularity must be one of"),
         (dict(strategy="magic"), "strategy must be one of"),
         (dict(rounds=0), "rounds must be an integer >= 1"),
@@ -262,7 +263,12 @@ def test_scheduler_is_pure_and_lands_on_budget():
     assert round_targets(1000, 100, 3) == [700, 400, 100]
     cubic = round_targets(1000, 100, 3, "cubic")
     assert cubic[-1] == 100 and cubic[0] < 700
-    assert resolve_budget("0.5%", 10_000) == 50 == resolve_budget(0.5, 10_000)
+    assert (
+        resolve_budget("0.5%", 10_000)
+        == 50
+        == resolve_budget(0.005, 10_000)
+        == resolve_budget("0.005", 10_000)
+    )
     assert resolve_budget("1,000", 10) == 1000
     assert lr_at(0, 10, 2, 1.0) == 0.0 and lr_at(2, 10, 2, 1.0) == 1.0 and lr_at(10, 10, 2, 1.0) == 0.0
     with pytest.raises(ValueError):
