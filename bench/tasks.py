@@ -26,7 +26,9 @@ from pathlib import Path
 
 from prunepeft.data import Example, Task, load_task
 
-SHARED = Path(os.environ.get("PRUNEPEFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(
+    os.environ.get("PRUNEPEFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 TASKS = ("RTE", "SST-2", "STS-B", "QNLI", "AGNews", "BBC")
 
 
