@@ -289,11 +289,13 @@ def run_all(cfg: QualityConfig) -> None:
     """Run every pending job with ``cfg.workers`` worker processes; rows are appended as they finish."""
     running: list[tuple[subprocess.Popen, dict, float]] = []
     cfg_json = json.dumps(asdict(cfg))
+    workers_file = RESULTS / f"{cfg.csv}.workers"  # write a number here to change the worker count live
     while True:
         rows = read_rows(cfg.csv)
         busy = [j for _, j, _ in running]
         todo = [j for j in pending_jobs(rows, cfg) if j not in busy]
-        while todo and len(running) < cfg.workers:
+        workers = int(workers_file.read_text()) if workers_file.exists() else cfg.workers
+        while todo and len(running) < workers:
             job = todo.pop(0)
             p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job), "--config", cfg_json],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
