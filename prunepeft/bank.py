@@ -128,6 +128,7 @@ class ModuleBank(nn.Module):
         self.register_buffer("block_mask", torch.ones(nb, dtype=torch.bool, device=device))
         self.register_buffer("orig_block", torch.arange(nb, dtype=torch.int64))
         self.stats: torch.Tensor | None = None  # float64 [nb + n, 8], accumulated statistics
+        self.gate: torch.Tensor | None = None  # float64 [nb + n], accumulated |d loss / d unit gate|
         self.collect_activations = False  # when on, sites accumulate sum |h| per unit (activation criterion)
         self.act_sum: torch.Tensor | None = None  # float32 [total_units], sum over tokens of |h|
         self.act_tokens: torch.Tensor | None = None  # float64 [total_units], tokens seen per unit
@@ -540,6 +541,8 @@ class ModuleBank(nn.Module):
             self.sens = torch.zeros_like(param) if self.sens is None else self.sens.to(param.device)
             self.unc = torch.zeros_like(param) if self.unc is None else self.unc.to(param.device)
         beta1, beta2 = adalora if adalora is not None else (0.85, 0.85)
+        if grad is not None:
+            self._accumulate_gate(param, grad, ema)
         return backend.block_stats(
             param,
             grad,
@@ -554,9 +557,40 @@ class ModuleBank(nn.Module):
             -1.0 if ema is None else ema,
         )
 
+    def _accumulate_gate(self, param: torch.Tensor, grad: torch.Tensor, ema: float | None) -> None:
+        """Accumulate ``|sum(w * g)|`` of every block and of every whole candidate over the step.
+
+        ``sum(w * g)`` over a unit's parameters is the derivative of the loss with respect to a gate
+        scaling the unit's output (for LoRA the D and Ut halves each contribute it once; for a ReLU
+        adapter too, by homogeneity): a loss-unit quantity, comparable across kinds, sites and depths.
+        Rows: blocks, then candidates (each candidate's row holds the gate of the whole candidate,
+        its blocks and its own bias together).
+        """
+        seg = self.plan["seg"].to(param.device)
+        wg = (param.double() * grad.double()).cumsum(0)
+        wg = torch.cat([wg.new_zeros(1), wg])
+        per_seg = wg[seg[:, 0] + seg[:, 1]] - wg[seg[:, 0]]
+        nb, n = self.num_blocks, self.num_candidates
+        owner = (
+            torch.zeros(nb + n, dtype=torch.float64, device=param.device)
+            .index_add_(0, seg[:, 2], per_seg)
+            .cpu()
+        )
+        cand = owner[nb:].clone()
+        block_cand = self.plan["block"][:, 0]
+        cand.index_add_(0, block_cand, owner[:nb])
+        step = torch.cat([owner[:nb].abs(), cand.abs()])
+        if self.gate is None or self.gate.shape[0] != nb + n:
+            self.gate = torch.zeros(nb + n, dtype=torch.float64)
+        if ema is None:
+            self.gate += step
+        else:
+            self.gate.mul_(ema).add_(step, alpha=1 - ema)
+
     def reset_stats(self) -> None:
         """Forget accumulated statistics (start of a new round)."""
         self.stats = None
+        self.gate = None
 
     # ------------------------------------------------------------------ compaction
     @torch.no_grad()
@@ -587,6 +621,9 @@ class ModuleBank(nn.Module):
             nb_old = self.num_blocks
             rows = torch.cat([block_gather, torch.arange(nb_old, nb_old + n)])
             self.stats = self.stats[rows].clone()
+        if self.gate is not None:
+            rows = torch.cat([block_gather, torch.arange(self.num_blocks, self.num_blocks + n)])
+            self.gate = self.gate[rows].clone()
         self.act_sum = self.act_tokens = None  # per-round statistics; units renumber after compaction
         if self.sens is not None:
             self.sens = self.sens[gather.to(self.sens.device)].clone()

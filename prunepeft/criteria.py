@@ -40,6 +40,12 @@ CRITERIA: dict[str, Criterion] = {
         Criterion("taylor", "sum_abs_wg", False, "mean|w*g|: first-order Taylor sensitivity"),
         Criterion("fisher", "sum_wg2", False, "mean((w*g)^2): empirical Fisher"),
         Criterion("adalora", "sum_sens_unc", False, "AdaLoRA's smoothed sensitivity x uncertainty"),
+        Criterion(
+            "gate",
+            None,
+            False,
+            "|d loss / d gate| of the unit's output per parameter (comparable across kinds)",
+        ),
     )
 }
 
@@ -82,9 +88,12 @@ def criterion_values(
         keep = live[blocks.start : blocks.stop]
         if keep.any():  # masked blocks see no tokens (the kernels skip them): average the live ones
             act_c[c] = act_b[blocks.start : blocks.stop][keep].mean()
+    gate = bank.gate if bank.gate is not None else torch.zeros(nb + n, dtype=torch.float64)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, crit in CRITERIA.items():
-        if crit.column is None:
+        if name == "gate":
+            vb, vc = gate[:nb] / count_b, gate[nb:] / count_c
+        elif crit.column is None:
             vb, vc = act_b.clone(), act_c
         else:
             j = _col(crit.column)

@@ -53,8 +53,15 @@ def unit_values(
     return keep_scores(v, name)
 
 
-def _normalise(v: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Theta, rank) over the eligible units: min-max values and normalised ascending ranks in [0, 1]."""
+NORMALISATIONS = ("minmax", "rank")
+
+
+def _normalise(
+    v: torch.Tensor, eligible: torch.Tensor, how: str = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Theta, rank) over the eligible units: normalised ascending ranks in [0, 1], and Theta either the
+    min-max normalised values (``minmax``) or the ranks themselves (``rank``: every criterion then has
+    the same, uniform, distribution of Theta, whatever the tails of its raw values)."""
     theta = torch.zeros_like(v)
     rank = torch.zeros_like(v)
     idx = eligible.nonzero().flatten()
@@ -71,6 +78,8 @@ def _normalise(v: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, t
     denom = max(1, idx.numel() - 1)
     for pos, i in enumerate(order):
         rank[idx[i]] = pos / denom
+    if how == "rank":
+        theta = rank.clone()
     return theta, rank
 
 
@@ -170,14 +179,17 @@ class HybridStrategy(Strategy):
 
     name = "hybrid"
 
-    def __init__(self, assignment: Assignment) -> None:
+    def __init__(self, assignment: Assignment, normalise: str = "minmax") -> None:
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got {normalise!r}")
         self.assignment = assignment
+        self.normalise = normalise
         self.last_probs: torch.Tensor | None = None
 
     def scores(self, values, regions, eligible, granularity):
         n = len(regions)
         needed = {c for r in set(regions) for c in self.assignment.criteria_for(r)}
-        norm = {c: _normalise(unit_values(values, c, granularity), eligible) for c in needed}
+        norm = {c: _normalise(unit_values(values, c, granularity), eligible, self.normalise) for c in needed}
         z = torch.zeros(n, dtype=torch.float64)
         for i, r in enumerate(regions):
             crits = self.assignment.criteria_for(r)
@@ -194,12 +206,14 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def make_strategy(name: str, seed: int = 0, assignment: Assignment | None = None) -> Strategy:
+def make_strategy(
+    name: str, seed: int = 0, assignment: Assignment | None = None, normalise: str = "minmax"
+) -> Strategy:
     """``hybrid`` (needs an assignment), ``random``, or any criterion name."""
     if name == "hybrid":
         if assignment is None:
             raise ValueError("the hybrid strategy needs the warm-up's criterion assignment")
-        return HybridStrategy(assignment)
+        return HybridStrategy(assignment, normalise)
     if name == "random":
         return RandomStrategy(seed)
     return SingleCriterion(name)

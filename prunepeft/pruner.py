@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .criteria import CRITERIA, criterion_values
-from .hybrid import Assignment, assign_criteria, make_strategy, unit_regions
+from .hybrid import NORMALISATIONS, Assignment, assign_criteria, make_strategy, unit_regions
 from .scheduler import round_targets
 from .supernet import Supernet
 
 GRANULARITIES = ("module", "block", "both")
 STRATEGIES = ("hybrid", "random", *CRITERIA)
+#: the criteria of the paper's Table 1 plus fisher and AdaLoRA's: the hybrid strategy's default pool
+PAPER_CRITERIA = ("weight", "zeros", "threshold", "activation", "gradient", "taylor", "fisher", "adalora")
 
 
 @dataclass
@@ -42,6 +44,9 @@ class PruneConfig:
         threshold: ``t`` of the threshold criterion (``mean(|w| < t)``).
         stats_ema: None sums the statistics over a round's steps; a float in (0, 1) is an EMA factor.
         adalora_betas: AdaLoRA's (beta1, beta2) for smoothed sensitivity and uncertainty.
+        normalise: how the hybrid strategy's Eq. 1 normalises each criterion before combining
+            regions: ``minmax`` (Theta = min-max of the values) or ``rank`` (Theta = the rank).
+        hybrid_criteria: the criteria the hybrid strategy may assign (None: all of them).
         seed: seed of the random strategy.
     """
 
@@ -54,6 +59,8 @@ class PruneConfig:
     threshold: float = 1e-3
     stats_ema: float | None = None
     adalora_betas: tuple[float, float] = (0.85, 0.85)
+    normalise: str = "minmax"
+    hybrid_criteria: tuple[str, ...] | None = PAPER_CRITERIA
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +79,15 @@ class PruneConfig:
         if not self.threshold > 0:
             raise ValueError(f"threshold must be > 0, got {self.threshold}")
         self.adalora_betas = tuple(self.adalora_betas)
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got {self.normalise!r}")
+        if self.hybrid_criteria is not None:
+            self.hybrid_criteria = tuple(self.hybrid_criteria)
+            unknown = [c for c in self.hybrid_criteria if c not in CRITERIA]
+            if unknown or not self.hybrid_criteria:
+                raise ValueError(
+                    f"hybrid_criteria must name criteria among {', '.join(CRITERIA)}, got {self.hybrid_criteria!r}"
+                )
 
     @property
     def search_steps(self) -> int:
@@ -209,8 +225,12 @@ class Pruner:
             # as many picks as the first round will prune, estimated from the mean unit cost
             share = (self.start_params - self.targets[0]) / max(1, self.start_params)
             n_picks = max(1, min(n_units, math.ceil(share * n_units)))
-            self.assignment = assign_criteria(values, regions, eligible, n_picks, g)
-            self.strategy = make_strategy("hybrid", assignment=self.assignment)
+            self.assignment = assign_criteria(
+                values, regions, eligible, n_picks, g, self.config.hybrid_criteria
+            )
+            self.strategy = make_strategy(
+                "hybrid", assignment=self.assignment, normalise=self.config.normalise
+            )
         bank.reset_stats()
         bank.reset_activations()
         self._round_t0 = time.perf_counter()
@@ -290,7 +310,9 @@ class Pruner:
         self.targets = round_targets(self.start_params, self.budget, self.config.rounds, self.config.schedule)
         if d["assignment"] is not None:
             self.assignment = Assignment.from_dict(d["assignment"])
-            self.strategy = make_strategy("hybrid", assignment=self.assignment)
+            self.strategy = make_strategy(
+                "hybrid", assignment=self.assignment, normalise=self.config.normalise
+            )
         elif self.config.strategy == "random":
             self.strategy.calls = d.get("random_calls", 0)
         self.handle.bank.collect_activations = not self.done
