@@ -56,38 +56,72 @@ def unit_values(
 NORMALISATIONS = ("minmax", "rank")
 
 
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ascending ranks of ``v`` normalised to [0, 1]; tied values share their average rank."""
+    n = v.numel()
+    if n <= 1:
+        return torch.full_like(v, 0.5, dtype=torch.float64)
+    order = torch.argsort(v, stable=True)
+    sv = v[order]
+    ranks = torch.empty(n, dtype=torch.float64)
+    i = 0
+    while i < n:  # runs of ties get the mean of their positions
+        j = i
+        while j + 1 < n and sv[j + 1] == sv[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2
+        i = j + 1
+    return ranks / (n - 1)
+
+
 def _normalise(
     v: torch.Tensor, eligible: torch.Tensor, how: str = "minmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Theta, rank) over the eligible units: normalised ascending ranks in [0, 1], and Theta either the
-    min-max normalised values (``minmax``) or the ranks themselves (``rank``: every criterion then has
-    the same, uniform, distribution of Theta, whatever the tails of its raw values)."""
-    theta = torch.zeros_like(v)
-    rank = torch.zeros_like(v)
+    """(Theta, rank) over the eligible units (0 elsewhere).
+
+    ``rank``: ascending rank normalised to [0, 1], ties sharing their average rank (a constant
+    criterion ranks every unit 0.5, so it cannot prefer units by their index). ``Theta``: the
+    min-max normalised values (``how="minmax"``; 0.5 for a constant criterion; +-inf, from
+    sanitised non-finite statistics, go to the ends) or the rank itself (``how="rank"``: every
+    criterion then has the same uniform distribution of Theta, whatever the tails of its values).
+    """
+    theta = torch.zeros_like(v, dtype=torch.float64)
+    rank = torch.zeros_like(v, dtype=torch.float64)
     idx = eligible.nonzero().flatten()
     if idx.numel() == 0:
         return theta, rank
-    ve = v[idx].clone()
+    ve = v[idx].double().clone()
     finite = torch.isfinite(ve)
     if finite.any():
         lo, hi = ve[finite].min(), ve[finite].max()
-        ve = ve.clamp(lo, hi)  # +-inf (sanitised non-finite statistics) go to the ends
+        ve = ve.clamp(lo, hi)
         theta[idx] = (ve - lo) / (hi - lo) if hi > lo else torch.full_like(ve, 0.5)
-    # stable ascending order, ties by index -> deterministic ranks
-    order = sorted(range(idx.numel()), key=lambda i: (float(ve[i]), i))
-    denom = max(1, idx.numel() - 1)
-    for pos, i in enumerate(order):
-        rank[idx[i]] = pos / denom
+    else:
+        theta[idx] = 0.5
+    rank[idx] = _ranks(ve)
     if how == "rank":
         theta = rank.clone()
     return theta, rank
 
 
-def picks(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` lowest eligible scores (ties: lower index first)."""
-    idx = eligible.nonzero().flatten().tolist()
-    idx.sort(key=lambda i: (float(scores[i]), i))
-    return idx[:k]
+def pick_weights(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> dict[int, float]:
+    """The ``k`` lowest eligible scores as ``{unit: weight}``: 1 for units strictly below the k-th
+    lowest value; the units tied at that value share the remaining picks equally. A criterion
+    whose eligible values are all equal carries no information and picks nothing."""
+    idx = eligible.nonzero().flatten()
+    if idx.numel() == 0 or k <= 0:
+        return {}
+    v = scores[idx].double()
+    if bool((v == v[0]).all()):
+        return {}
+    k = min(k, idx.numel())
+    kth = torch.sort(v).values[k - 1]
+    below = (v < kth).nonzero().flatten().tolist()
+    tied = (v == kth).nonzero().flatten().tolist()
+    share = (k - len(below)) / len(tied)
+    out = {int(idx[i]): 1.0 for i in below}
+    out.update({int(idx[i]): share for i in tied})
+    return out
 
 
 @dataclass
@@ -95,7 +129,7 @@ class Assignment:
     """Which criteria score which region, and the warm-up counts that decided it."""
 
     regions: dict[str, list[str]] = field(default_factory=dict)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # criterion -> region -> picks
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)  # criterion -> region -> picks
     fallback: str = DEFAULT_FALLBACK
 
     def criteria_for(self, region: str) -> list[str]:
@@ -117,20 +151,27 @@ def assign_criteria(
     granularity: str,
     criteria: Sequence[str] | None = None,
 ) -> Assignment:
-    """The hybrid warm-up decision from one set of statistics (all criteria at once)."""
+    """The hybrid warm-up decision from one set of statistics (all criteria at once).
+
+    Each criterion picks the ``n_picks`` units it would prune first (:func:`pick_weights`: ties at
+    the boundary share the picks, a constant criterion picks nothing); its picks are counted per
+    region. A region is assigned the criteria with the most picks in it (ties kept, within 1e-9),
+    and every criterion that picked anything is also assigned its own strongest region (the first
+    in sorted order on ties). A region nobody picked in is left to the fallback.
+    """
     criteria = list(criteria or CRITERIA)
     all_regions = sorted(set(regions))
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[str, float]] = {}
     for name in criteria:
-        c = dict.fromkeys(all_regions, 0)
-        for i in picks(unit_values(values, name, granularity), eligible, n_picks):
-            c[regions[i]] += 1
-        counts[name] = c
+        c = dict.fromkeys(all_regions, 0.0)
+        for i, w in pick_weights(unit_values(values, name, granularity), eligible, n_picks).items():
+            c[regions[i]] += w
+        counts[name] = {r: round(x, 9) for r, x in c.items()}
     assigned: dict[str, list[str]] = {r: [] for r in all_regions}
     for r in all_regions:
         best = max(counts[name][r] for name in criteria)
         if best > 0:
-            assigned[r] = [name for name in criteria if counts[name][r] == best]
+            assigned[r] = [name for name in criteria if abs(counts[name][r] - best) <= 1e-9]
     for name in criteria:  # each criterion's own strongest region (first on ties)
         strongest = max(all_regions, key=lambda r: (counts[name][r], -all_regions.index(r)))
         if counts[name][strongest] > 0 and name not in assigned[strongest]:
