@@ -132,9 +132,7 @@ Plan make_plan_impl(const CandidateSpec& s, const char* fn) {
 
   Plan p;
   p.n_cand = n;
-  p.n_groups = static_cast<int64_t>(members.size());
   p.cand.assign(static_cast<size_t>(n * kCandCols), -1);
-  p.group.reserve(static_cast<size_t>(p.n_groups * kGroupCols));
   auto cand = [&](int64_t i, int64_t col) -> int64_t& {
     return p.cand[static_cast<size_t>(i * kCandCols + col)];
   };
@@ -143,12 +141,9 @@ Plan make_plan_impl(const CandidateSpec& s, const char* fn) {
   int64_t cursor = 0;
   int64_t next_block = 0;
   for (const auto& mem : members) {
-    const int64_t g_off = cursor;
-    int64_t g_width = 0;
     for (const int64_t i : mem) {
       cand(i, 0) = cursor;
       cursor = add_nonneg(cursor, mul_nonneg(s.width[i], s.in_dim[i], fn), fn);
-      g_width += s.width[i];  // <= cursor, cannot overflow
       cand(i, 4) = s.width[i];
       cand(i, 5) = s.width[i] / s.block_size[i];
       cand(i, 6) = next_block;
@@ -169,8 +164,6 @@ Plan make_plan_impl(const CandidateSpec& s, const char* fn) {
       cand(i, 3) = cursor;
       cursor = add_nonneg(cursor, s.out_dim[i], fn);
     }
-    const int64_t first = mem.front();
-    p.group.insert(p.group.end(), {s.group[first], g_off, g_width, s.in_dim[first]});
   }
   p.total = cursor;
   p.n_blocks = next_block;

@@ -16,7 +16,6 @@ namespace prunepeft {
 constexpr int64_t kCandCols = 8;   // d_off, u_off, bd_off, bu_off, width, n_blocks, first_block, group
 constexpr int64_t kBlockCols = 3;  // cand, unit_start, block_size
 constexpr int64_t kSegCols = 3;    // offset, length, owner
-constexpr int64_t kGroupCols = 4;  // group id, d_off, total width, in_dim
 constexpr int64_t kStatCols = 8;   // see block_stats
 
 // Elements per work piece in block_stats. Segments longer than this are split
@@ -63,17 +62,14 @@ struct CandidateSpec {
 // seg[s]:   offset, length, owner. owner = block id for a block's D / Ut / bd
 //           segment, n_blocks + cand for a candidate's bu. Segments are in
 //           layout (= offset) order and tile [0, total) exactly.
-// group[g]: group id, d_off of the stacked D region, total width, in_dim.
 struct Plan {
   int64_t n_cand = 0;
   int64_t n_blocks = 0;
   int64_t n_segs = 0;
-  int64_t n_groups = 0;
   int64_t total = 0;  // number of float elements in the bank
   std::vector<int64_t> cand;
   std::vector<int64_t> block;
   std::vector<int64_t> seg;
-  std::vector<int64_t> group;
 };
 
 // Lays out the bank: groups in order of first appearance, candidates of a

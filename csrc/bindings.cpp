@@ -121,7 +121,6 @@ py::dict plan_to_dict(prunepeft::Plan&& p) {
   d["cand"] = to_numpy(std::move(p.cand), {p.n_cand, prunepeft::kCandCols});
   d["block"] = to_numpy(std::move(p.block), {p.n_blocks, prunepeft::kBlockCols});
   d["seg"] = to_numpy(std::move(p.seg), {p.n_segs, prunepeft::kSegCols});
-  d["group"] = to_numpy(std::move(p.group), {p.n_groups, prunepeft::kGroupCols});
   d["total"] = py::int_(p.total);
   return d;
 }
@@ -251,7 +250,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("plan", &plan, py::arg("in_dim"), py::arg("out_dim"), py::arg("width"), py::arg("block_size"),
         py::arg("group"), py::arg("has_bias"),
-        "Lay out a bank; returns {'cand', 'block', 'seg', 'group': int64 arrays, 'total': int}.");
+        "Lay out a bank; returns {'cand', 'block', 'seg': int64 arrays, 'total': int}.");
   m.def("compact", &compact, py::arg("in_dim"), py::arg("out_dim"), py::arg("width"),
         py::arg("block_size"), py::arg("group"), py::arg("has_bias"), py::arg("keep"),
         "Drop the blocks with keep == False; returns (new plan, gather, block_gather).");

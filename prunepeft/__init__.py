@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .api import SearchConfig, SearchError, SearchResult, evaluate, finetune, search
 from .backends import available_backends, get_backend
-from .bank import KINDS, STAT_COLUMNS, CandidateSpec, ModuleBank
+from .bank import KINDS, CandidateSpec, ModuleBank
 from .criteria import CRITERIA
 from .export import export_peft, load, save
+from .layout import STAT_COLUMNS
 from .modules import BottleneckSite
 from .space import ARCHITECTURES, SearchSpace, SpaceConfig
 from .supernet import Supernet, attach

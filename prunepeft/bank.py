@@ -20,12 +20,10 @@ import torch
 from torch import nn
 
 from .backends import available_backends, get_backend
+from .layout import STAT_COLUMNS, Block, CandRow, Seg
 from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
 
 KINDS = ("lora", "parallel_adapter", "serial_adapter")
-
-#: Columns of the per-block statistics (see :meth:`ModuleBank.accumulate_stats`).
-STAT_COLUMNS = ("sum_w2", "sum_abs_g", "sum_abs_wg", "sum_wg2", "n_zero", "n_below", "sum_sens_unc", "count")
 
 
 @dataclass(frozen=True)
@@ -156,11 +154,11 @@ class ModuleBank(nn.Module):
     def _set_plan(self, plan: dict) -> None:
         self.plan = plan
         cand = plan["cand"]
-        self._cand = cand.tolist()
-        self._widths = [row[4] for row in self._cand]
+        self._cand = [CandRow(*row) for row in cand.tolist()]
+        self._widths = [row.width for row in self._cand]
         # global unit offset of each candidate, in layout order (= order of d_off)
         order = sorted(
-            (i for i in range(len(self.specs)) if self._widths[i] > 0), key=lambda i: self._cand[i][0]
+            (i for i in range(len(self.specs)) if self._widths[i] > 0), key=lambda i: self._cand[i].d_off
         )
         self._unit_off = [0] * len(self.specs)
         acc = 0
@@ -173,16 +171,15 @@ class ModuleBank(nn.Module):
     def _rebuild(self) -> None:
         """Recompute the per-site slabs and the per-unit scale (mask × scaling)."""
         dev = self.flat.device
-        nb = self.num_blocks
         mask = self.block_mask.to(torch.float32).cpu()
         units = torch.zeros(self.total_units, dtype=torch.float32)
         alive = [False] * len(self.specs)
         for c, row in enumerate(self._cand):
-            w, n_blocks, first = row[4], row[5], row[6]
+            w = row.width
             if w == 0:
                 continue
             bs = self.specs[c].block_size
-            m = mask[first : first + n_blocks]
+            m = mask[row.first_block : row.first_block + row.n_blocks]
             alive[c] = bool(m.any())
             units[self._unit_off[c] : self._unit_off[c] + w] = m.repeat_interleave(bs) * self.specs[c].scaling
         self._alive = alive
@@ -193,11 +190,11 @@ class ModuleBank(nn.Module):
             if self._widths[c] > 0:
                 by_site.setdefault((spec.site, spec.tap), []).append(c)
         for key, cands in by_site.items():
-            cands.sort(key=lambda i: self._cand[i][0])
+            cands.sort(key=lambda i: self._cand[i].d_off)
             first = cands[0]
             slab = _Slab(
-                d_off=self._cand[first][0],
-                u_off=self._cand[first][1],
+                d_off=self._cand[first].d_off,
+                u_off=self._cand[first].u_off,
                 width=0,
                 in_dim=self.specs[first].in_dim,
                 out_dim=self.specs[first].out_dim,
@@ -207,19 +204,18 @@ class ModuleBank(nn.Module):
             for c in cands:
                 row, w = self._cand[c], self._widths[c]
                 if (
-                    row[0] != slab.d_off + slab.width * slab.in_dim
-                    or row[1] != slab.u_off + slab.width * slab.out_dim
+                    row.d_off != slab.d_off + slab.width * slab.in_dim
+                    or row.u_off != slab.u_off + slab.width * slab.out_dim
                     or self._unit_off[c] != slab.unit_off + slab.width
                 ):
                     raise RuntimeError(
                         f"bank layout: candidates of site {key[0]} are not adjacent (internal error)"
                     )
                 spec = self.specs[c]
-                bu = row[3] if alive[c] else -1
-                slab.pieces.append((slab.width, slab.width + w, spec.activation, row[2], bu))
+                bu = row.bu_off if alive[c] else -1
+                slab.pieces.append((slab.width, slab.width + w, spec.activation, row.bd_off, bu))
                 slab.width += w
             self._slabs[key] = slab
-        self._has_mask = bool(nb) and not bool(mask.all())
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -245,14 +241,14 @@ class ModuleBank(nn.Module):
             end = size = 0
             for c in cands:
                 row, w, sp = self._cand[c], self._widths[c], self.specs[c]
-                ends = [row[0] + w * sp.in_dim, row[1] + w * sp.out_dim]
-                ends += [row[2] + w] if row[2] >= 0 else []
-                ends += [row[3] + sp.out_dim] if row[3] >= 0 else []
+                ends = [row.d_off + w * sp.in_dim, row.u_off + w * sp.out_dim]
+                ends += [row.bd_off + w] if row.bd_off >= 0 else []
+                ends += [row.bu_off + sp.out_dim] if row.bu_off >= 0 else []
                 end = max(end, *ends)
                 size += (
                     w * (sp.in_dim + sp.out_dim)
-                    + (w if row[2] >= 0 else 0)
-                    + (sp.out_dim if row[3] >= 0 else 0)
+                    + (w if row.bd_off >= 0 else 0)
+                    + (sp.out_dim if row.bu_off >= 0 else 0)
                 )
             group_sites, width, ok = [], 0, end - start == size
             for slab, site in slabs:
@@ -297,14 +293,13 @@ class ModuleBank(nn.Module):
         mask = self.block_mask.cpu().tolist()
         out = []
         for c, row in enumerate(self._cand):
-            first, n_blocks = row[6], row[5]
-            out.append(sum(mask[first : first + n_blocks]) * self.specs[c].block_size)
+            out.append(sum(mask[row.first_block : row.first_block + row.n_blocks]) * self.specs[c].block_size)
         return out
 
     def candidate_blocks(self, cand: int) -> range:
         """Current block ids of candidate ``cand``."""
         row = self._cand[cand]
-        return range(row[6], row[6] + row[5])
+        return range(row.first_block, row.first_block + row.n_blocks)
 
     def block_cost(self, cand: int) -> int:
         """Parameters freed by pruning one block of ``cand``."""
@@ -338,14 +333,14 @@ class ModuleBank(nn.Module):
     def candidate_tensors(self, cand: int) -> dict[str, torch.Tensor]:
         """Views of candidate ``cand``'s parameters: ``D`` [w, in], ``Ut`` [w, out], ``bd``, ``bu``."""
         row, s = self._cand[cand], self.specs[cand]
-        w = row[4]
+        w = row.width
         out = {
-            "D": self.flat.narrow(0, row[0], w * s.in_dim).view(w, s.in_dim),
-            "Ut": self.flat.narrow(0, row[1], w * s.out_dim).view(w, s.out_dim),
+            "D": self.flat.narrow(0, row.d_off, w * s.in_dim).view(w, s.in_dim),
+            "Ut": self.flat.narrow(0, row.u_off, w * s.out_dim).view(w, s.out_dim),
         }
         if s.bias and w:
-            out["bd"] = self.flat.narrow(0, row[2], w)
-            out["bu"] = self.flat.narrow(0, row[3], s.out_dim)
+            out["bd"] = self.flat.narrow(0, row.bd_off, w)
+            out["bu"] = self.flat.narrow(0, row.bu_off, s.out_dim)
         return out
 
     @torch.no_grad()
@@ -475,7 +470,7 @@ class ModuleBank(nn.Module):
         live = self.block_mask.cpu()
         sums = self.act_sum.double().cpu()
         for c, row in enumerate(self._cand):
-            w, n_blocks, first = row[4], row[5], row[6]
+            w, n_blocks, first = row.width, row.n_blocks, row.first_block
             if not w:
                 continue
             bs, lo = self.specs[c].block_size, self._unit_off[c]
@@ -569,15 +564,15 @@ class ModuleBank(nn.Module):
         seg = self.plan["seg"].to(param.device)
         wg = (param.double() * grad.double()).cumsum(0)
         wg = torch.cat([wg.new_zeros(1), wg])
-        per_seg = wg[seg[:, 0] + seg[:, 1]] - wg[seg[:, 0]]
+        per_seg = wg[seg[:, Seg.OFFSET] + seg[:, Seg.LENGTH]] - wg[seg[:, Seg.OFFSET]]
         nb, n = self.num_blocks, self.num_candidates
         owner = (
             torch.zeros(nb + n, dtype=torch.float64, device=param.device)
-            .index_add_(0, seg[:, 2], per_seg)
+            .index_add_(0, seg[:, Seg.OWNER], per_seg)
             .cpu()
         )
         cand = owner[nb:].clone()
-        block_cand = self.plan["block"][:, 0]
+        block_cand = self.plan["block"][:, Block.CAND]
         cand.index_add_(0, block_cand, owner[:nb])
         step = torch.cat([owner[:nb].abs(), cand.abs()])
         if self.gate is None or self.gate.shape[0] != nb + n:

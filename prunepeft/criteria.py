@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import STAT_COLUMNS, ModuleBank
+from .bank import ModuleBank
+from .layout import STAT_COLUMNS, Stat
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,6 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
-def _col(name: str) -> int:
-    return STAT_COLUMNS.index(name)
-
-
 def criterion_values(
     bank: ModuleBank, stats: torch.Tensor | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -78,8 +75,8 @@ def criterion_values(
         blocks = bank.candidate_blocks(c)
         if len(blocks):
             cand_tot[c] += block_rows[blocks.start : blocks.stop].sum(0)
-    count_b = block_rows[:, _col("count")]
-    count_c = cand_tot[:, _col("count")]
+    count_b = block_rows[:, Stat.COUNT]
+    count_c = cand_tot[:, Stat.COUNT]
     act_b = bank.activation_means()
     act_c = torch.full((n,), float("nan"), dtype=torch.float64)
     live = bank.block_mask.cpu()
@@ -96,7 +93,7 @@ def criterion_values(
         elif crit.column is None:
             vb, vc = act_b.clone(), act_c
         else:
-            j = _col(crit.column)
+            j = STAT_COLUMNS.index(crit.column)
             vb = block_rows[:, j] / count_b
             vc = cand_tot[:, j] / count_c
         out[name] = (_sanitize(vb, crit), _sanitize(vc, crit, keep_nan=count_c == 0))

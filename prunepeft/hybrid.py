@@ -27,6 +27,7 @@ import torch
 
 from .bank import ModuleBank
 from .criteria import CRITERIA, keep_scores
+from .layout import Block
 from .space import SearchSpace
 
 DEFAULT_FALLBACK = "taylor"
@@ -38,10 +39,10 @@ def region_key(kind: str, partition: int) -> str:
 
 def unit_regions(bank: ModuleBank, space: SearchSpace, granularity: str) -> list[str]:
     """The region of every unit (current blocks, or candidates)."""
-    cand_region = [region_key(s.kind, space.partition_of_layer(s.layer)) for s in bank.specs]
+    cand_region = [region_key(*space.region(s)) for s in bank.specs]
     if granularity == "module":
         return cand_region
-    cand_of = bank.plan["block"][:, 0].tolist()
+    cand_of = bank.plan["block"][:, Block.CAND].tolist()
     return [cand_region[c] for c in cand_of]
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .criteria import CRITERIA, criterion_values
 from .hybrid import NORMALISATIONS, Assignment, assign_criteria, make_strategy, unit_regions
+from .layout import Block
 from .scheduler import round_targets
 from .supernet import Supernet
 
@@ -289,7 +290,7 @@ class Pruner:
             return [s.name for s in bank.specs]
         out = []
         orig = bank.orig_block.tolist()
-        for b, c in enumerate(bank.plan["block"][:, 0].tolist()):
+        for b, c in enumerate(bank.plan["block"][:, Block.CAND].tolist()):
             out.append(f"{bank.specs[c].name}#{orig[b]}")
         return out
 

@@ -359,10 +359,6 @@ class SearchSpace:
         frac = (layer + 0.5) / self.num_layers
         return sum(frac >= b for b in self.config.depth_partitions)
 
-    @property
-    def num_partitions(self) -> int:
-        return len(self.config.depth_partitions) + 1
-
     def region(self, cand: CandidateSpec) -> tuple[str, int]:
         """The hybrid strategy's region of a candidate: (kind, depth partition)."""
         return cand.kind, self.partition_of_layer(cand.layer)

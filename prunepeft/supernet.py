@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .bank import ModuleBank
+from .layout import Block
 from .modules import BottleneckSite
 from .space import SearchSpace, SpaceConfig
 
@@ -94,7 +95,7 @@ class Supernet:
         mask = bank.block_mask.cpu()
         if granularity == "block":
             n = bank.num_blocks
-            cand_of = bank.plan["block"][:, 0]
+            cand_of = bank.plan["block"][:, Block.CAND]
             costs = torch.tensor([bank.block_cost(int(c)) for c in cand_of], dtype=torch.int64)
             group, eligible = cand_of.clone(), mask.clone()
             extra = torch.tensor(

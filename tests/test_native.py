@@ -19,6 +19,7 @@ import torch
 
 from prunepeft.backends import native
 from prunepeft.backends import reference as ref
+from prunepeft.layout import CandRow, Seg, Stat
 
 SUM_COLS = [0, 1, 2, 3, 6]  # float sums: compared with a tolerance
 COUNT_COLS = [4, 5, 7]  # integer counts: compared exactly
@@ -56,9 +57,9 @@ def random_spec(rng: np.random.Generator, n: int, max_dim: int = 12, zero_width:
 
 
 def assert_plan_equal(a: dict, b: dict) -> None:
-    assert set(a) == set(b) == {"cand", "block", "seg", "group", "total"}
+    assert set(a) == set(b) == {"cand", "block", "seg", "total"}
     assert a["total"] == b["total"]
-    for k in ("cand", "block", "seg", "group"):
+    for k in ("cand", "block", "seg"):
         assert a[k].dtype == b[k].dtype == torch.int64, k
         assert torch.equal(a[k], b[k]), k
 
@@ -98,19 +99,16 @@ def test_plan_matches_reference(n: int, seed: int) -> None:
 
     # Invariants: segments tile [0, total) in order; owners index blocks then bu's.
     seg, nb = got["seg"], got["block"].shape[0]
-    ends = seg[:, 0] + seg[:, 1]
+    ends = seg[:, Seg.OFFSET] + seg[:, Seg.LENGTH]
     assert seg.shape[0] == 0 or (seg[0, 0] == 0 and ends[-1] == got["total"])
     assert torch.equal(seg[1:, 0], ends[:-1])
-    assert bool((seg[:, 1] > 0).all()) and bool((seg[:, 2] < nb + n).all())
-    # Each group's D region is one stacked [total width, in_dim] matrix.
-    cand = got["cand"]
-    for gid, d_off, g_width, g_in in got["group"].tolist():
+    assert bool((seg[:, Seg.LENGTH] > 0).all()) and bool((seg[:, Seg.OWNER] < nb + n).all())
+    # Each group's D region is one stacked [total width, in_dim] matrix: members' D's follow each other.
+    rows = [CandRow(*r) for r in got["cand"].tolist()]
+    for gid in set(int(g) for g in spec[4]):
         members = [i for i in range(n) if int(spec[4][i]) == gid]
-        assert sum(int(cand[i, 4]) for i in members) == g_width
-        assert all(int(spec[0][i]) == g_in for i in members)
-        offs = [int(cand[i, 0]) for i in members]
-        assert offs[0] == d_off
-        assert offs == sorted(offs)
+        for a, b in zip(members, members[1:], strict=False):
+            assert rows[b].d_off == rows[a].d_off + rows[a].width * int(spec[0][a])
 
 
 def test_plan_input_types() -> None:
@@ -149,7 +147,7 @@ def test_compact_matches_reference(n: int, keep_mode: str) -> None:
     assert torch.equal(gather, gather_r) and torch.equal(block_gather, block_gather_r)
 
     # Same layout as planning the new widths directly.
-    new_width = new["cand"][:, 4].numpy()
+    new_width = new["cand"][:, CandRow._fields.index("width")].numpy()
     assert_plan_equal(new, native.plan(spec[0], spec[1], new_width, spec[3], spec[4], spec[5]))
     # block_gather lists the kept blocks in order.
     assert block_gather.tolist() == np.flatnonzero(keep).tolist()
@@ -194,7 +192,7 @@ def stats_bank(kind: str) -> tuple[torch.Tensor, int]:
 
 
 def stats_inputs(seg: torch.Tensor, seed: int) -> dict:
-    total = int((seg[:, 0] + seg[:, 1]).max()) + 5 if seg.shape[0] else 5
+    total = int((seg[:, Seg.OFFSET] + seg[:, Seg.LENGTH]).max()) + 5 if seg.shape[0] else 5
     g = torch.Generator().manual_seed(seed)
     param = torch.randn(total, generator=g)
     param[::37] = 0.0  # exact zeros for column 4
@@ -231,7 +229,7 @@ def test_block_stats_matches_reference(kind: str, with_grad: bool, with_sens: bo
         if with_sens:  # same float64 operations, same rounding to float32
             assert torch.equal(sens, want_sens) and torch.equal(unc, want_unc)
         else:
-            assert torch.equal(sens, x["sens"]) and not bool(got[:, 6].any())
+            assert torch.equal(sens, x["sens"]) and not bool(got[:, Stat.SUM_SENS_UNC].any())
         runs.append((got, sens, unc))
     for got, sens, unc in runs[1:]:  # bitwise identical for every thread count
         assert torch.equal(got, runs[0][0]) and torch.equal(sens, runs[0][1]) and torch.equal(unc, runs[0][2])
@@ -317,7 +315,7 @@ def test_select_prune_semantics(backend: str) -> None:
 
 SPEC = ([4, 5, 4], [3, 2, 6], [4, 2, 2], [2, 1, 2], [7, 3, 7], [True, True, False])
 SEG = ref.plan(*SPEC)["seg"]
-N_OWN = int(SEG[:, 2].max()) + 1
+N_OWN = int(SEG[:, Seg.OWNER].max()) + 1
 TOTAL = ref.plan(*SPEC)["total"]
 
 

@@ -87,7 +87,6 @@ static void test_plan_layout() {
   const Cands c = example();
   const pp::Plan p = pp::make_plan(c.spec());
   CHECK_EQ(p.n_cand, 4);
-  CHECK_EQ(p.n_groups, 2);
   // Group 7: D stack 6x4 = 24 @0, Ut(q) 4x3 @24, Ut(v) 2x6 @36, bd(q) 4 @48,
   // bu(q) 3 @52 -> 55. Group 3 @55: D(o) 2x5 @55, D(pruned) empty @65,
   // Ut(o) 2x2 @65, Ut(pruned) @69, bd(o) @69, bd(pruned) @71, bu(o) @71 -> 73.
@@ -102,8 +101,6 @@ static void test_plan_layout() {
   CHECK_EQ(p.n_blocks, 5);
   const std::vector<int64_t> block = {0, 0, 2, 0, 2, 2, 2, 0, 2, 1, 0, 1, 1, 1, 1};
   CHECK(p.block == block);
-  const std::vector<int64_t> group = {7, 0, 6, 4, 3, 55, 2, 5};
-  CHECK(p.group == group);
   // Segments tile [0, total) in order; owners of bu segments are nb + cand.
   int64_t cursor = 0;
   for (int64_t s = 0; s < p.n_segs; ++s) {

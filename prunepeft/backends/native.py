@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .reference import STAT_COLUMNS
+from ..layout import STAT_COLUMNS
 
 __all__ = ["available", "plan", "compact", "block_stats", "select_prune", "STAT_COLUMNS"]
 

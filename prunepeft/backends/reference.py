@@ -25,21 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..layout import STAT_COLUMNS, CandRow, Stat
+
 __all__ = ["plan", "compact", "block_stats", "select_prune", "STAT_COLUMNS"]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[int] | Sequence[bool] | Sequence[float]
-
-#: Meaning of the columns of :func:`block_stats`'s result.
-STAT_COLUMNS = (
-    "sum_w2",
-    "sum_abs_g",
-    "sum_abs_wg",
-    "sum_wg2",
-    "n_zero",
-    "n_below",
-    "sum_sens_unc",
-    "count",
-)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,33 +123,26 @@ def _plan_lists(fn: str, ind, outd, wid, bsz, grp, bias) -> dict[str, Any]:
             )
         mem.append(i)
 
-    cand = [[-1] * 8 for _ in range(n)]
-    groups = []
+    cand = [dict.fromkeys(CandRow._fields, -1) for _ in range(n)]
     cursor = 0
     next_block = 0
     for g, mem in members.items():
-        g_off, g_width = cursor, 0
         for i in mem:
-            cand[i][0] = cursor
+            c = cand[i]
+            c.update(d_off=cursor, width=wid[i], n_blocks=wid[i] // bsz[i], first_block=next_block, group=g)
             cursor += wid[i] * ind[i]
-            g_width += wid[i]
-            cand[i][4] = wid[i]
-            cand[i][5] = wid[i] // bsz[i]
-            cand[i][6] = next_block
-            cand[i][7] = g
-            next_block += cand[i][5]
+            next_block += c["n_blocks"]
         for i in mem:
-            cand[i][1] = cursor
+            cand[i]["u_off"] = cursor
             cursor += wid[i] * outd[i]
         for i in mem:
             if bias[i]:
-                cand[i][2] = cursor
+                cand[i]["bd_off"] = cursor
                 cursor += wid[i]
         for i in mem:
-            if bias[i] and wid[i] > 0:
-                cand[i][3] = cursor
+            if bias[i] and wid[i]:
+                cand[i]["bu_off"] = cursor
                 cursor += outd[i]
-        groups.append([g, g_off, g_width, ind[mem[0]]])
     if cursor >= 2**63:
         raise ValueError(f"{fn}: bank size overflows int64")
     nb = next_block
@@ -168,28 +151,30 @@ def _plan_lists(fn: str, ind, outd, wid, bsz, grp, bias) -> dict[str, Any]:
     segs = []
     for mem in members.values():
         for i in mem:
-            blocks.extend([i, j * bsz[i], bsz[i]] for j in range(cand[i][5]))
+            blocks.extend([i, j * bsz[i], bsz[i]] for j in range(cand[i]["n_blocks"]))
         for i in mem:
-            ln = bsz[i] * ind[i]
-            segs.extend([cand[i][0] + j * ln, ln, cand[i][6] + j] for j in range(cand[i][5]))
+            c, ln = cand[i], bsz[i] * ind[i]
+            segs.extend([c["d_off"] + j * ln, ln, c["first_block"] + j] for j in range(c["n_blocks"]))
         for i in mem:
-            ln = bsz[i] * outd[i]
-            segs.extend([cand[i][1] + j * ln, ln, cand[i][6] + j] for j in range(cand[i][5]))
+            c, ln = cand[i], bsz[i] * outd[i]
+            segs.extend([c["u_off"] + j * ln, ln, c["first_block"] + j] for j in range(c["n_blocks"]))
         for i in mem:
+            c = cand[i]
             if bias[i]:
-                segs.extend([cand[i][2] + j * bsz[i], bsz[i], cand[i][6] + j] for j in range(cand[i][5]))
+                segs.extend(
+                    [c["bd_off"] + j * bsz[i], bsz[i], c["first_block"] + j] for j in range(c["n_blocks"])
+                )
         for i in mem:
-            if cand[i][3] >= 0:
-                segs.append([cand[i][3], outd[i], nb + i])
+            if cand[i]["bu_off"] >= 0:
+                segs.append([cand[i]["bu_off"], outd[i], nb + i])
 
     def table(rows: list[list[int]], cols: int) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), cols)
 
     return {
-        "cand": table(cand, 8),
+        "cand": table([list(c.values()) for c in cand], len(CandRow._fields)),
         "block": table(blocks, 3),
         "seg": table(segs, 3),
-        "group": table(groups, 4),
         "total": cursor,
     }
 
@@ -216,8 +201,8 @@ def plan(
             ``bu`` [out_dim].
 
     Returns:
-        ``{"cand": [n, 8], "block": [nb, 3], "seg": [ns, 3], "group": [ng, 4],
-        "total": int}`` (int64 tensors):
+        ``{"cand": [n, 8], "block": [nb, 3], "seg": [ns, 3], "total": int}``
+        (int64 tensors; the columns are named in :mod:`prunepeft.layout`):
 
         * cand: d_off, u_off, bd_off (-1 without bias), bu_off (-1 without bias
           or with width 0), width, n_blocks, first_block, group.
@@ -225,7 +210,6 @@ def plan(
         * seg: offset, length, owner (block id for D / Ut / bd rows of a block,
           ``nb + cand`` for a candidate's bu), in layout order, tiling
           ``[0, total)``.
-        * group: group id, d_off of the stacked D region, total width, in_dim.
 
     Raises:
         ValueError: naming the bad field and candidate index.
@@ -265,12 +249,12 @@ def compact(
     kp = _mask(keep, fn, "keep").tolist()
     if len(kp) != nb:
         raise ValueError(f"{fn}: keep has {len(kp)} entries, expected {nb} (n_blocks of the current plan)")
-    oc = old["cand"].tolist()
+    oc = [CandRow(*r) for r in old["cand"].tolist()]
     n = len(ind)
-    kept_blocks = [[j for j in range(oc[i][5]) if kp[oc[i][6] + j]] for i in range(n)]
+    kept_blocks = [[j for j in range(oc[i].n_blocks) if kp[oc[i].first_block + j]] for i in range(n)]
     new_wid = [len(kept_blocks[i]) * bsz[i] for i in range(n)]
     new = _plan_lists(fn, ind, outd, new_wid, bsz, grp, bias)
-    nc = new["cand"].tolist()
+    nc = [CandRow(*r) for r in new["cand"].tolist()]
 
     gather = torch.empty(new["total"], dtype=torch.int64)
     block_gather = torch.empty(new["block"].shape[0], dtype=torch.int64)
@@ -280,14 +264,15 @@ def compact(
 
     for i in range(n):
         bs, di, do = bsz[i], ind[i], outd[i]
+        new_c, old_c = nc[i], oc[i]
         for k, j in enumerate(kept_blocks[i]):
-            block_gather[nc[i][6] + k] = oc[i][6] + j
-            copy_range(nc[i][0] + k * bs * di, oc[i][0] + j * bs * di, bs * di)
-            copy_range(nc[i][1] + k * bs * do, oc[i][1] + j * bs * do, bs * do)
+            block_gather[new_c.first_block + k] = old_c.first_block + j
+            copy_range(new_c.d_off + k * bs * di, old_c.d_off + j * bs * di, bs * di)
+            copy_range(new_c.u_off + k * bs * do, old_c.u_off + j * bs * do, bs * do)
             if bias[i]:
-                copy_range(nc[i][2] + k * bs, oc[i][2] + j * bs, bs)
-        if nc[i][3] >= 0:
-            copy_range(nc[i][3], oc[i][3], do)
+                copy_range(new_c.bd_off + k * bs, old_c.bd_off + j * bs, bs)
+        if new_c.bu_off >= 0:
+            copy_range(new_c.bu_off, old_c.bu_off, do)
     return new, gather, block_gather
 
 
@@ -424,12 +409,13 @@ def block_stats(
     else:
         su = None
 
-    out = torch.zeros(8, n_owners, dtype=torch.float64, device=device)
-    cols = (w * w, g.abs(), wg.abs(), wg * wg, (w == 0).double(), (w.abs() < threshold).double(), su)
-    for k, col in enumerate(cols):
+    out = torch.zeros(len(Stat), n_owners, dtype=torch.float64, device=device)
+    cols = {Stat.SUM_W2: w * w, Stat.SUM_ABS_G: g.abs(), Stat.SUM_ABS_WG: wg.abs(), Stat.SUM_WG2: wg * wg,
+            Stat.N_ZERO: (w == 0).double(), Stat.N_BELOW: (w.abs() < threshold).double(), Stat.SUM_SENS_UNC: su}  # fmt: skip
+    for k, col in cols.items():
         if col is not None:
             out[k].index_add_(0, own, col)
-    out[7].index_add_(0, owners.to(device), lens.to(device=device, dtype=torch.float64))
+    out[Stat.COUNT].index_add_(0, owners.to(device), lens.to(device=device, dtype=torch.float64))
     stats = out.t().contiguous()
 
     if accum is not None:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from ..layout import STAT_COLUMNS
 from . import native, reference
-from .reference import STAT_COLUMNS
 
 __all__ = [
     "available", "plan", "compact", "block_stats", "select_prune", "bottleneck", "bottleneck_group", "STAT_COLUMNS",
