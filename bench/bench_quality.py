@@ -51,9 +51,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks as T  # noqa: E402
 from common import RESULTS, append_rows, peak_rss_mb, read_rows, versions  # noqa: E402
 
-SEARCH = ("hybrid", "random", "taylor", "gradient", "activation", "weight")
+SEARCH = ("hybrid", "random", "taylor", "gradient", "activation", "weight", "fisher", "adalora_crit", "gate",
+          "zeros", "threshold")  # prunepeft strategies ("adalora_crit": the adalora criterion)
 UNIFORM = ("lora_qv", "lora_qkvo", "lora_all", "serial_ffn")
 METHODS = (*SEARCH, *UNIFORM, "adalora", "full_ft")
+DEFAULT_METHODS = ("hybrid", "random", "taylor", "gradient", "activation", "weight", *UNIFORM, "adalora", "full_ft")
 BUDGETS = {"r8": 8, "r2": 2}  # LoRA rank on query,value whose parameter count is the budget
 SELECT_BUDGET = "r8"
 COLUMNS = ("variant", "task", "budget_name", "budget", "method", "seed", "lr", "steps", "params", "metric", "val",
@@ -66,7 +68,7 @@ class QualityConfig:
     """Sizes of the protocol (see the module doc for why)."""
 
     tasks: tuple[str, ...] = ("SST-2", "STS-B", "QNLI", "AGNews", "BBC", "RTE")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[str, ...] = ("r8", "r2")
     r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn", "adalora")
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -197,7 +199,8 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
            "kept": "", "assignment": ""}  # fmt: skip
     t0 = time.perf_counter()
     if method in SEARCH:
-        sc = search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps, strategy=method, **cfg.search)
+        strategy = "adalora" if method == "adalora_crit" else method
+        sc = search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps, strategy=strategy, **cfg.search)
         res = search(model, task, config=sc, tokenizer=tok, log=None)
         val, ev = res.final["val_metrics"], res.final["metrics"]
         row.update(params=res.params, search_s=res.search_seconds, final_s=res.final["seconds"],
