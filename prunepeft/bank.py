@@ -123,7 +123,11 @@ class ModuleBank(nn.Module):
         plan = self._plan(self._widths)
         self.flat = nn.Parameter(torch.zeros(plan["total"], dtype=dtype, device=device))
         nb = plan["block"].shape[0]
-        self.register_buffer("block_mask", torch.ones(nb, dtype=torch.bool, device=device))
+        # on the meta device (planning a big model without its weights, prunepeft.planner) the flat
+        # tensor has no storage; the mask is host bookkeeping that must stay readable, so it lives on
+        # the CPU there, and reset_parameters has nothing to initialise
+        mask_device = "cpu" if self.flat.is_meta else device
+        self.register_buffer("block_mask", torch.ones(nb, dtype=torch.bool, device=mask_device))
         self.register_buffer("orig_block", torch.arange(nb, dtype=torch.int64))
         self.stats: torch.Tensor | None = None  # float64 [nb + n, 8], accumulated statistics
         self.gate: torch.Tensor | None = None  # float64 [nb + n], accumulated |d loss / d unit gate|
@@ -348,7 +352,10 @@ class ModuleBank(nn.Module):
         """(Re-)initialise candidates: ``D`` as peft's LoRA A (kaiming-uniform), ``Ut`` and biases 0.
 
         With ``Ut = 0`` every candidate starts as the zero function, so attaching changes nothing.
+        A bank on the meta device has no values: nothing happens.
         """
+        if self.flat.is_meta:
+            return
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0 if seed is None else seed)
         for c in range(len(self.specs)) if cands is None else cands:
