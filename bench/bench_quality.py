@@ -51,11 +51,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks as T  # noqa: E402
 from common import RESULTS, append_rows, peak_rss_mb, read_rows, versions  # noqa: E402
 
-SEARCH = ("hybrid", "random", "taylor", "gradient", "activation", "weight", "fisher", "adalora_crit", "gate",
-          "zeros", "threshold")  # prunepeft strategies ("adalora_crit": the adalora criterion)
+SEARCH = (
+    "hybrid",
+    "random",
+    "taylor",
+    "gradient",
+    "activation",
+    "weight",
+    "fisher",
+    "adalora_crit",
+    "gate",
+    "zeros",
+    "threshold",
+)  # prunepeft strategies ("adalora_crit": the adalora criterion)
 UNIFORM = ("lora_qv", "lora_qkvo", "lora_all", "serial_ffn")
-METHODS = (*SEARCH, *UNIFORM, "adalora", "full_ft")
-DEFAULT_METHODS = ("hybrid", "random", "taylor", "gradient", "activation", "weight", *UNIFORM, "adalora", "full_ft")
+# a control: uniform LoRA q,v trained for the final steps plus the search's own steps (the same number of
+# training batches as a search whose found configuration continues from the search's weights)
+CONTROLS = ("lora_qv_same_total",)
+METHODS = (*SEARCH, *UNIFORM, *CONTROLS, "adalora", "full_ft")
+DEFAULT_METHODS = (
+    "hybrid",
+    "random",
+    "taylor",
+    "gradient",
+    "activation",
+    "weight",
+    *UNIFORM,
+    "adalora",
+    "full_ft",
+)
 BUDGETS = {"r8": 8, "r2": 2}  # LoRA rank on query,value whose parameter count is the budget
 SELECT_BUDGET = "r8"
 COLUMNS = ("variant", "task", "budget_name", "budget", "method", "seed", "lr", "steps", "params", "metric", "val",
@@ -207,11 +231,17 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
                    kept=";".join(f"{k['kind']}:{k['role']}@{k['layer']}={k['width']}" for k in res.kept),
                    assignment=json.dumps(res.assignment["regions"]) if res.assignment else "",
                    round_step_ms=";".join(f"{1e3 * h['step_seconds']:.0f}" for h in res.history))  # fmt: skip
-    elif method in UNIFORM:
-        found = uniform_space(method, model, budget)
+    elif method in UNIFORM or method in CONTROLS:
+        found = uniform_space(method.removesuffix("_same_total"), model, budget)
         if found is None:
             raise ValueError(f"{method} has no configuration within {budget:,} parameters")
         space, what = found
+        if method in CONTROLS:
+            steps = (
+                steps
+                + search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps, **cfg.search).search_steps
+            )
+            row["steps"], what = steps, f"{what}, {steps} steps"
         r = finetune(model, task, config=search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps), space=space,
                      tokenizer=tok, log=None)  # fmt: skip
         val, ev = r["val_metrics"], r["metrics"]
@@ -445,6 +475,7 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
             "activation",
             "weight",
             *UNIFORM[1:],
+            *CONTROLS,
             "adalora",
         ):
             if a == base or (a != "hybrid" and base != "lora_qv"):
@@ -523,7 +554,10 @@ def _plot(fin, task_list, cfg) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    comps = [m for m in ("random", "taylor", "gradient", "activation", "weight", *UNIFORM[1:], "adalora")]
+    comps = [
+        m
+        for m in ("random", "taylor", "gradient", "activation", "weight", *UNIFORM[1:], *CONTROLS, "adalora")
+    ]
     fig, axes = plt.subplots(1, len(cfg.budgets), figsize=(6 * len(cfg.budgets), 4), squeeze=False)
     for ax, b in zip(axes[0], cfg.budgets, strict=True):
         for i, m in enumerate(["hybrid", *comps]):

@@ -23,6 +23,11 @@ directory              ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to
 
 Files without a header (``header=False``) name their columns by position: ``"0"``, ``"1"``, ...
 Every bad input raises a ``ValueError`` that names the file, the line and the column concerned.
+
+GLUE and SuperGLUE files in their original layouts load without any column option when the file sits
+in a directory named after its task (``.../CoLA/train.tsv``, ``.../BoolQ/val.jsonl``; case, ``-`` and
+``_`` are ignored): :data:`TASK_LAYOUTS` is the one table of what is detected (text and label
+columns, a header or none, derived texts for COPA, WiC and WSC, and the tasks that are not supported).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import csv
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +54,10 @@ METRICS = {
 """Metric names :func:`prunepeft.metrics.compute_metrics` returns for each kind (the first is primary)."""
 
 TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
-    ("sentence1", "sentence2"),  # RTE, MRPC, STS-B, WNLI
+    ("sentence1", "sentence2"),  # RTE, STS-B, WNLI, MNLI
     ("question", "sentence"),  # QNLI
     ("question1", "question2"),  # QQP
-    ("premise", "hypothesis"),  # MNLI, SNLI
+    ("premise", "hypothesis"),  # SNLI, SuperGLUE CB / RTE / AX-g
     ("sentence",),  # SST-2, CoLA
     ("text",),
     ("content",),
@@ -249,6 +254,138 @@ def resolve_validation_size(size: int | float | None, n_train: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# GLUE and SuperGLUE: the original file layouts, detected from the task's directory name
+
+
+def _copa_texts(row: dict[str, Any]) -> dict[str, str]:
+    questions = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+    if row["question"] not in questions:
+        raise ValueError(f"'question' must be 'cause' or 'effect', got {row['question']!r}")
+    return {
+        "premise_question": f"{row['premise']} {questions[row['question']]}",
+        "choices": f"(1) {row['choice1']} (2) {row['choice2']}",
+    }
+
+
+def _wic_texts(row: dict[str, Any]) -> dict[str, str]:
+    return {"word_sentence1": f"{row['word']}: {row['sentence1']}"}
+
+
+def _wsc_texts(row: dict[str, Any]) -> dict[str, str]:
+    target = row["target"]
+    return {"span_question": f'Does "{target["span2_text"]}" refer to "{target["span1_text"]}"?'}
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """The original file layout of one GLUE / SuperGLUE task, as :func:`load_task` detects it.
+
+    Attributes:
+        benchmark: ``"GLUE"`` or ``"SuperGLUE"``.
+        format: ``"tsv"`` (GLUE: tab-separated, unquoted) or ``"jsonl"`` (SuperGLUE; ``.json`` too).
+        text_columns: the one or two text columns (for COPA, WiC and WSC, texts that ``derive`` builds).
+        label_column: the label column (absent from the unlabeled test files).
+        kind: ``"classification"`` or ``"regression"``.
+        columns: the columns in file order: they name the fields of a file without a header line
+            (CoLA's original files have none); ``None``: the file must have a header.
+        derive: builds extra text fields from a row (their names are in ``text_columns``).
+        unsupported: why the task cannot be read as single-text or pair classification.
+        note: what to know about the layout (documentation: the README table shows it).
+    """
+
+    benchmark: str
+    format: str
+    text_columns: tuple[str, ...] = ()
+    label_column: str | None = "label"
+    kind: str = "classification"
+    columns: tuple[str, ...] | None = None
+    derive: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    unsupported: str | None = None
+    note: str = ""
+
+
+_PAIR = ("sentence1", "sentence2")
+_GLUE_PAIR = ("index", "sentence1", "sentence2", "label")
+
+#: Task directory name -> its original layouts (one per file format; RTE is in both benchmarks).
+TASK_LAYOUTS: dict[str, tuple[TaskLayout, ...]] = {
+    "CoLA": (TaskLayout("GLUE", "tsv", ("sentence",),
+                        columns=("source", "label", "original_label", "sentence"),
+                        note="train/dev have no header line"),),
+    "SST-2": (TaskLayout("GLUE", "tsv", ("sentence",), columns=("sentence", "label")),),
+    "MRPC": (TaskLayout("GLUE", "tsv", ("#1 String", "#2 String"), "Quality",
+                        columns=("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")),),
+    "QQP": (TaskLayout("GLUE", "tsv", ("question1", "question2"), "is_duplicate",
+                       columns=("id", "qid1", "qid2", "question1", "question2", "is_duplicate")),),
+    "STS-B": (TaskLayout("GLUE", "tsv", _PAIR, "score", kind="regression",
+                         columns=("index", "genre", "filename", "year", "old_index", "source1", "source2",
+                                  "sentence1", "sentence2", "score")),),
+    "MNLI": (TaskLayout("GLUE", "tsv", _PAIR, "gold_label",
+                        note="train.tsv, dev_matched.tsv, dev_mismatched.tsv (header: 12 or 16 columns)"),),
+    "QNLI": (TaskLayout("GLUE", "tsv", ("question", "sentence"),
+                        columns=("index", "question", "sentence", "label")),),
+    "RTE": (TaskLayout("GLUE", "tsv", _PAIR, columns=_GLUE_PAIR),
+            TaskLayout("SuperGLUE", "jsonl", ("premise", "hypothesis"))),
+    "WNLI": (TaskLayout("GLUE", "tsv", _PAIR, columns=_GLUE_PAIR),),
+    "AX": (TaskLayout("GLUE", "tsv", ("Premise", "Hypothesis"), "Label",
+                      note="diagnostic-full.tsv; AX.tsv / diagnostic.tsv carry no labels"),),
+    "BoolQ": (TaskLayout("SuperGLUE", "jsonl", ("question", "passage"), note="labels true / false"),),
+    "CB": (TaskLayout("SuperGLUE", "jsonl", ("premise", "hypothesis")),),
+    "COPA": (TaskLayout("SuperGLUE", "jsonl", ("premise_question", "choices"), derive=_copa_texts,
+                        note="2-choice task read as pair classification: text 1 = premise + 'What was the "
+                        "cause?' / 'What happened as a result?', text 2 = '(1) choice1 (2) choice2', "
+                        "label 0 / 1 = the right choice"),),
+    "WiC": (TaskLayout("SuperGLUE", "jsonl", ("word_sentence1", "sentence2"), derive=_wic_texts,
+                       note="text 1 = 'word: sentence1', text 2 = sentence2; labels true / false"),),
+    "WSC": (TaskLayout("SuperGLUE", "jsonl", ("text", "span_question"), derive=_wsc_texts,
+                       note="text 2 = 'Does \"span2_text\" refer to \"span1_text\"?'; labels true / false"),),
+    "MultiRC": (TaskLayout("SuperGLUE", "jsonl", unsupported="its rows nest a passage's questions and their "
+                           "answers; flatten them to one (passage, question + answer, label) row each"),),
+    "ReCoRD": (TaskLayout("SuperGLUE", "jsonl", unsupported="it is cloze-style entity selection (a query "
+                          "with @placeholder and candidate entities), not classification"),),
+    "AX-b": (TaskLayout("SuperGLUE", "jsonl", _PAIR),),
+    "AX-g": (TaskLayout("SuperGLUE", "jsonl", ("premise", "hypothesis")),),
+}  # fmt: skip
+
+_TASK_ALIASES = {"diagnostic": "AX"}  # GLUE's download script puts AX in glue_data/diagnostic/
+_LAYOUT_FORMATS = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def _task_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+_TASKS_BY_KEY = {_task_key(n): n for n in TASK_LAYOUTS} | {_task_key(a): n for a, n in _TASK_ALIASES.items()}
+
+
+def detect_layout(path: str | Path) -> tuple[str, TaskLayout] | None:
+    """``(task name, layout)`` when ``path`` is a ``.tsv`` / ``.jsonl`` / ``.json`` file in a directory
+    named after a GLUE or SuperGLUE task (see :data:`TASK_LAYOUTS`) in that task's format, else None."""
+    path = Path(path)
+    task = _TASKS_BY_KEY.get(_task_key(path.parent.name))
+    fmt = _LAYOUT_FORMATS.get(path.suffix.lower())
+    if task is None or fmt is None:
+        return None
+    layout = next((lay for lay in TASK_LAYOUTS[task] if lay.format == fmt), None)
+    return None if layout is None else (task, layout)
+
+
+def _known_column_names(layout: TaskLayout) -> set[str]:
+    names = {*layout.text_columns, *(layout.columns or ()), *LABEL_COLUMN_CANDIDATES}
+    names.update(c for cand in TEXT_COLUMN_CANDIDATES for c in cand)
+    if layout.label_column:
+        names.add(layout.label_column)
+    return names
+
+
+def _unlabeled_hint(table: _Table) -> str:
+    """Why a detected layout's file has no label column ("" if it has the layout's: another one was named)."""
+    if table.layout is None or table.layout.label_column in table.columns:
+        return ""
+    return f" ({table.task} test files carry no labels: train and evaluate on its train / dev files)"
+
+
+# --------------------------------------------------------------------------------------------------
 # reading tables
 
 
@@ -261,6 +398,8 @@ class _Table:
     rows: list[dict[str, Any]]
     where: list[str]  # "line 7" / "row 3", one per row
     class_names: dict[str, list[str]] = field(default_factory=dict)  # datasets ClassLabel names by column
+    task: str | None = None  # the GLUE / SuperGLUE task whose layout was detected
+    layout: TaskLayout | None = None
 
 
 def _split_spec(spec: str | Path) -> tuple[Path, str | None]:
@@ -274,7 +413,7 @@ def _split_spec(spec: str | Path) -> tuple[Path, str | None]:
     return Path(s), None
 
 
-def _read(spec: str | Path, role: str, header: bool, limit: int | None) -> _Table:
+def _read(spec: str | Path, role: str, header: bool | None, limit: int | None) -> _Table:
     path, split = _split_spec(spec)
     if not path.exists():
         raise ValueError(f"{role} file not found: {path}")
@@ -290,14 +429,37 @@ def _read(spec: str | Path, role: str, header: bool, limit: int | None) -> _Tabl
             f"{role}: unknown file type {suffix or '(none)'!r} for {path}; expected one of "
             f"{', '.join(_EXTENSIONS)} or a datasets save_to_disk directory"
         )
+    detected = detect_layout(path)
+    layout = detected[1] if detected else None
     try:
         if suffix == ".tsv":
-            return _read_tsv(path, header, limit)
-        if suffix == ".csv":
-            return _read_csv(path, header, limit)
-        return _read_jsonl(path, limit)
+            table = _read_tsv(path, header, limit, layout)
+        elif suffix == ".csv":
+            table = _read_csv(path, header, limit)
+        else:
+            table = _read_jsonl(path, limit)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid UTF-8: {e}") from None
+    if detected:
+        table.task, table.layout = detected
+        if layout.derive is not None and layout.unsupported is None:
+            _derive_texts(table)
+    return table
+
+
+def _derive_texts(table: _Table) -> None:
+    """Add the layout's derived text fields (COPA, WiC, WSC) to every row."""
+    derive = table.layout.derive  # type: ignore[union-attr]
+    for row, where in zip(table.rows, table.where, strict=True):
+        try:
+            row.update(derive(row))  # type: ignore[misc]
+        except KeyError as e:
+            raise ValueError(f"{table.source}, {where}: not a {table.task} row: no {e} field") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{table.source}, {where}: not a {table.task} row: {e}") from None
+    for name in table.layout.text_columns:  # type: ignore[union-attr]
+        if name not in table.columns:
+            table.columns.append(name)
 
 
 def _header_or_positions(first: list[str], header: bool, path: Path) -> list[str]:
@@ -309,17 +471,32 @@ def _header_or_positions(first: list[str], header: bool, path: Path) -> list[str
     return first
 
 
-def _table_from_rows(path: Path, header: bool, limit: int | None, lines, what: str) -> _Table:
-    """Build a table from ``(line number, fields)`` pairs: header (or positional names), row limit,
-    and the field-count check shared by the TSV and CSV readers."""
+def _has_header(first: list[str], header: bool | None, layout: TaskLayout | None) -> bool:
+    """Whether the first line is a header: ``header`` if given; else yes, unless a detected layout names
+    its columns (e.g. CoLA) and the line has that many fields, none of them a known column name."""
+    if header is not None:
+        return header
+    if layout is None or layout.columns is None or len(first) != len(layout.columns):
+        return True
+    known = _known_column_names(layout)
+    return any(f.strip() in known for f in first)
+
+
+def _table_from_rows(
+    path: Path, header: bool | None, limit: int | None, lines, what: str, layout: TaskLayout | None = None
+) -> _Table:
+    """Build a table from ``(line number, fields)`` pairs: header (or positional names, or a detected
+    layout's names), row limit, and the field-count check shared by the TSV and CSV readers."""
     columns: list[str] | None = None
     rows: list[dict[str, Any]] = []
     where: list[str] = []
     for lineno, fields in lines:
         if columns is None:
-            columns = _header_or_positions(fields, header, path)
-            if header:
+            if _has_header(fields, header, layout):
+                columns = _header_or_positions(fields, True, path)
                 continue
+            names = layout.columns if header is None and layout is not None else None
+            columns = list(names) if names else _header_or_positions(fields, False, path)
         if limit is not None and len(rows) >= limit:
             break
         if len(fields) != len(columns):
@@ -331,7 +508,7 @@ def _table_from_rows(path: Path, header: bool, limit: int | None, lines, what: s
     return _Table(str(path), columns or [], rows, where)
 
 
-def _read_tsv(path: Path, header: bool, limit: int | None) -> _Table:
+def _read_tsv(path: Path, header: bool | None, limit: int | None, layout: TaskLayout | None = None) -> _Table:
     def lines():
         # newline="\n": only \n ends a line (a stray \r inside a sentence stays in it); a CRLF file's \r is cut.
         with open(path, encoding="utf-8-sig", newline="\n") as f:
@@ -341,10 +518,10 @@ def _read_tsv(path: Path, header: bool, limit: int | None) -> _Table:
                 if line:
                     yield lineno, line.split("\t")
 
-    return _table_from_rows(path, header, limit, lines(), "tab-separated fields")
+    return _table_from_rows(path, header, limit, lines(), "tab-separated fields", layout)
 
 
-def _read_csv(path: Path, header: bool, limit: int | None) -> _Table:
+def _read_csv(path: Path, header: bool | None, limit: int | None) -> _Table:
     def lines():
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
@@ -445,6 +622,7 @@ def _require_columns(table: _Table, names: Sequence[str], what: str) -> None:
         if name not in table.columns:
             raise ValueError(
                 f"{table.source}: {what} column {name!r} not found; available columns: {table.columns}"
+                + (_unlabeled_hint(table) if what == "label" else "")
             )
 
 
@@ -463,6 +641,9 @@ def _text(table: _Table, i: int, column: str) -> str:
 
 
 def _auto_text_columns(table: _Table) -> tuple[str, ...]:
+    layout = table.layout
+    if layout is not None and layout.text_columns and all(c in table.columns for c in layout.text_columns):
+        return layout.text_columns
     for cand in TEXT_COLUMN_CANDIDATES:
         if all(c in table.columns for c in cand):
             return cand
@@ -474,12 +655,16 @@ def _auto_text_columns(table: _Table) -> tuple[str, ...]:
 
 
 def _auto_label_column(table: _Table) -> str:
-    for c in LABEL_COLUMN_CANDIDATES:
+    layout = table.layout
+    tried = LABEL_COLUMN_CANDIDATES
+    if layout is not None and layout.label_column is not None:
+        tried = (layout.label_column, *(c for c in tried if c != layout.label_column))
+    for c in tried:
         if c in table.columns:
             return c
     raise ValueError(
-        f"{table.source}: could not find a label column (tried {', '.join(LABEL_COLUMN_CANDIDATES)}); "
-        f"available columns: {table.columns}; pass label_column=..."
+        f"{table.source}: could not find a label column (tried {', '.join(tried)}); "
+        f"available columns: {table.columns}; pass label_column=..." + _unlabeled_hint(table)
     )
 
 
@@ -560,7 +745,7 @@ def load_task(
     kind: str | None = None,
     text_columns: Sequence[str] | str | None = None,
     label_column: str | None = None,
-    header: bool = True,
+    header: bool | None = None,
     max_examples: int | None = None,
     label_names: Sequence[str | int] | None = None,
     prompt_column: str = "prompt",
@@ -576,26 +761,31 @@ def load_task(
         kind: ``"classification"``, ``"regression"`` or ``"causal_lm"``. ``None``: ``causal_lm`` if the
             train set has the prompt and response columns, ``regression`` if its labels are numbers
             and not all integers, else ``classification``.
-        text_columns: one or two column names (a pair task's two texts). ``None``: the first of the GLUE
-            names (sentence1+sentence2, question+sentence, question1+question2, premise+hypothesis),
-            else a single ``sentence``, ``text`` or ``content`` column.
-        label_column: ``None``: the first of ``label``, ``score``, ``labels``, ``target``.
+        text_columns: one or two column names (a pair task's two texts). ``None``: a detected GLUE /
+            SuperGLUE layout's (:data:`TASK_LAYOUTS`), else the first of the GLUE names
+            (sentence1+sentence2, question+sentence, question1+question2, premise+hypothesis), else a
+            single ``sentence``, ``text`` or ``content`` column.
+        label_column: ``None``: a detected layout's, else the first of ``label``, ``score``,
+            ``labels``, ``target``.
         header: whether a ``.tsv`` / ``.csv`` file starts with a header line; without one the columns
-            are named by position, ``"0"``, ``"1"``, ...
+            are named by position, ``"0"``, ``"1"``, ... ``None``: yes, except for a GLUE file in a
+            detected layout without one (CoLA's train / dev), whose columns get the layout's names.
         max_examples: keep only the first N train rows (deterministic; the rest is not read).
         label_names: the class labels in the order of the model's outputs (strings, or ints meaning
             their string form). ``None``: the sorted unique train labels (numerically when all are
-            integers; a ``datasets`` ClassLabel column keeps its own order).
+            integers; a ``datasets`` ClassLabel column keeps its own order). Given, the train set may
+            hold fewer than two of them (e.g. a few rows to evaluate a trained model on).
         prompt_column: the prompt column of a causal-LM set.
         response_column: the response column of a causal-LM set.
         max_eval_examples: keep only the first N eval rows (``None``: all).
 
     Raises:
         ValueError: a missing file, an unknown file type, a missing column (the message lists the
-            available ones), no rows, a classification train set with fewer than 2 classes, labels
-            outside ``label_names`` or eval labels unseen in train, non-numeric regression labels,
-            a row with the wrong number of fields (the message names its line), causal-LM rows
-            without a prompt or response.
+            available ones), no rows, a classification train set with fewer than 2 classes (without
+            ``label_names``), labels outside ``label_names`` or eval labels unseen in train,
+            non-numeric regression labels, a row with the wrong number of fields (the message names
+            its line), causal-LM rows without a prompt or response, an unsupported GLUE / SuperGLUE
+            task (MultiRC, ReCoRD) read without ``text_columns``.
         ImportError: a directory is given and ``datasets`` is not installed.
     """
     if kind is not None and kind not in KINDS:
@@ -616,7 +806,14 @@ def load_task(
         if not t.rows:
             raise ValueError(f"{t.source} has no examples")
     tr = tables[0]
+    if tr.layout is not None and tr.layout.unsupported and text_columns is None:
+        raise ValueError(
+            f"{tr.source}: {tr.task} is not supported: {tr.layout.unsupported} (pass text_columns and "
+            "label_column to read such a flattened file)"
+        )
 
+    if kind is None and tr.layout is not None and (label_column or tr.layout.label_column) in tr.columns:
+        kind = tr.layout.kind
     if kind is None:
         kind = _infer_kind(tr, prompt_column, response_column, label_column)
     if label_names is not None and kind != "classification":
@@ -655,7 +852,7 @@ def load_task(
 
     keys = [[_class_key(t, label_column, v) for v in _raw_labels(t, label_column)] for t in tables]
     seen = set(keys[0])
-    if len(seen) < 2:
+    if label_names is None and len(seen) < 2:
         raise ValueError(
             f"{tr.source}: classification needs at least 2 classes, found {len(seen)} ({sorted(seen)}) in "
             f"column {label_column!r}" + (" (max_examples keeps only the first rows)" if max_examples else "")
@@ -664,6 +861,8 @@ def load_task(
         names = [str(n).strip() for n in label_names]
         if len(set(names)) != len(names):
             raise ValueError(f"label_names has duplicates: {names}")
+        if len(names) < 2:
+            raise ValueError(f"label_names needs at least 2 classes, got {names}")
         unknown = sorted(seen - set(names))
         if unknown:
             raise ValueError(f"{tr.source}: train labels {unknown} are not in label_names {names}")

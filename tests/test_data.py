@@ -282,6 +282,294 @@ def test_datasets_directory_without_datasets_says_so(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# GLUE and SuperGLUE files in their original layouts (written here, in the originals' formats)
+
+MNLI_TRAIN_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                     "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")  # fmt: skip
+MNLI_DEV_HEADER = MNLI_TRAIN_HEADER.replace("label1\t", "label1\tlabel2\tlabel3\tlabel4\tlabel5\t")
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+
+
+def _mnli_row(i: int, s1: str, s2: str, gold: str, n_labels: int) -> str:
+    parse = "( ( The cat ) sat )"
+    return "\t".join([str(i), "31193", f"{31193 + i}n", "government", parse, parse, parse, parse, s1, s2,
+                      *[gold] * n_labels, gold]) + "\n"  # fmt: skip
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# (task directory, file name, content, expected: kind, label names, first example, text columns)
+GLUE_LAYOUTS = [
+    ("CoLA", "train.tsv",  # the original has no header line
+     "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
+     "gj04\t0\t*\tThey drank the pub.\n"
+     'cj99\t1\t\t"Hello," she said.\n',
+     "classification", ["0", "1"],
+     Example("Our friends won't buy this analysis, let alone the next one we propose.", None, 1), ("sentence",)),
+    ("SST-2", "dev.tsv",
+     "sentence\tlabel\nit 's a charming and often affecting journey . \t1\nunflinchingly bleak \t0\n",
+     "classification", ["0", "1"], Example("it 's a charming and often affecting journey . ", None, 1),
+     ("sentence",)),
+    ("MRPC", "train.tsv",  # the Microsoft files start with a UTF-8 BOM; quotes are text, not quoting
+     "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+     '1\t702876\t702977\tAmrozi accused his brother , whom he called " the witness " , of lying .\t'
+     'Referring to him as only " the witness " , Amrozi accused his brother of lying .\n'
+     "0\t2108705\t2108831\tYucaipa owned Dominick 's before 1998 .\tYucaipa bought Dominick 's in 1995 .\n",
+     "classification", ["0", "1"],
+     Example('Amrozi accused his brother , whom he called " the witness " , of lying .',
+             'Referring to him as only " the witness " , Amrozi accused his brother of lying .', 1),
+     ("#1 String", "#2 String")),
+    ("QQP", "dev.tsv",
+     "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+     '201359\t303345\t303346\tWhy are "African-Americans" so beautiful?\tWhy are hispanics so beautiful?\t0\n'
+     "263843\t69383\t380476\tI want to pursue PhD in CS, how?\tI handle social media for a non-profit.\t1\n",
+     "classification", ["0", "1"],
+     Example('Why are "African-Americans" so beautiful?', "Why are hispanics so beautiful?", 0),
+     ("question1", "question2")),
+    ("STS-B", "train.tsv",  # integral scores only: still regression (the layout says so)
+     STSB_HEADER + "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\t"
+     "An air plane is taking off.\t5.000\n1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\t"
+     "A man is playing a flute.\tA man is eating.\t1.000\n",
+     "regression", [], Example("A plane is taking off.", "An air plane is taking off.", 5.0),
+     ("sentence1", "sentence2")),
+    ("MNLI", "train.tsv",
+     MNLI_TRAIN_HEADER + _mnli_row(0, "Conceptually cream skimming has two dimensions.",
+                                   "Product and geography are what make cream skimming work.", "neutral", 1)
+     + _mnli_row(1, "you know during the season", "You lose the things.", "entailment", 1)
+     + _mnli_row(2, "One of our number will carry out.", "A member will not.", "contradiction", 1),
+     "classification", ["contradiction", "entailment", "neutral"],
+     Example("Conceptually cream skimming has two dimensions.",
+             "Product and geography are what make cream skimming work.", 2), ("sentence1", "sentence2")),
+    ("MNLI", "dev_matched.tsv",
+     MNLI_DEV_HEADER + _mnli_row(0, "The new rights are nice enough", "Everyone really likes the rights.",
+                                 "neutral", 5) + _mnli_row(1, "This site includes a list.", "The list is there.",
+                                                           "entailment", 5),
+     "classification", ["entailment", "neutral"],
+     Example("The new rights are nice enough", "Everyone really likes the rights.", 1),
+     ("sentence1", "sentence2")),
+    ("QNLI", "dev.tsv",
+     "index\tquestion\tsentence\tlabel\n0\tWhat came into force after the new constitution was herald?\t"
+     "As of that day, the new constitution heralding the Second Republic came into force.\tentailment\n"
+     "1\tWhat is the first major city in the stream?\tThe most important tributaries are the Inn.\t"
+     "not_entailment\n",
+     "classification", ["entailment", "not_entailment"],
+     Example("What came into force after the new constitution was herald?",
+             "As of that day, the new constitution heralding the Second Republic came into force.", 0),
+     ("question", "sentence")),
+    ("RTE", "train.tsv",
+     'index\tsentence1\tsentence2\tlabel\n0\t"No Weapons Found in Iraq Yet.\tWeapons Found in Iraq.\t'
+     "not_entailment\n"
+     "1\tA place of sorrow became a place of celebration.\tPope Benedict XVI is the new leader.\tentailment\n",
+     "classification", ["entailment", "not_entailment"],
+     Example('"No Weapons Found in Iraq Yet.', "Weapons Found in Iraq.", 1), ("sentence1", "sentence2")),
+    ("WNLI", "train.tsv",
+     "index\tsentence1\tsentence2\tlabel\n0\tI stuck a pin through a carrot. When I pulled the pin out, it had "
+     "a hole.\tThe carrot had a hole.\t1\n1\tJohn couldn't see the stage with Billy in front of him because he "
+     "is so short.\tJohn is so short.\t0\n",
+     "classification", ["0", "1"],
+     Example("I stuck a pin through a carrot. When I pulled the pin out, it had a hole.", "The carrot had a hole.",
+             1), ("sentence1", "sentence2")),
+    ("AX", "diagnostic-full.tsv",
+     "Lexical Semantics\tPredicate-Argument Structure\tLogic\tKnowledge\tDomain\tPremise\tHypothesis\tLabel\n"
+     "\t\tNegation\t\tArtificial\tThe cat sat on the mat.\tThe cat did not sit on the mat.\tcontradiction\n"
+     "Lexical entailment\t\t\t\tArtificial\tThe cat sat on the mat.\tThe animal sat on the mat.\tentailment\n",
+     "classification", ["contradiction", "entailment"],
+     Example("The cat sat on the mat.", "The cat did not sit on the mat.", 0), ("Premise", "Hypothesis")),
+]  # fmt: skip
+
+SUPERGLUE_LAYOUTS = [
+    ("BoolQ", "val.jsonl",
+     [{"question": "do iran and afghanistan speak the same language", "title": "Persian language",
+       "passage": "Persian, also known by its endonym Farsi, is one of the Western Iranian languages.",
+       "label": True, "idx": 0},
+      {"question": "is elder scrolls online the same as skyrim", "title": "The Elder Scrolls Online",
+       "passage": "As with other games in The Elder Scrolls series, the game is set on Tamriel.",
+       "label": False, "idx": 1}],
+     ["False", "True"],
+     Example("do iran and afghanistan speak the same language",
+             "Persian, also known by its endonym Farsi, is one of the Western Iranian languages.", 1),
+     ("question", "passage")),
+    ("CB", "train.jsonl",
+     [{"premise": "It was a complex language. Not written down but handed down.",
+       "hypothesis": "the language was peeled down", "label": "entailment", "idx": 0},
+      {"premise": "Who knows?", "hypothesis": "the cake was eaten", "label": "neutral", "idx": 1},
+      {"premise": "No.", "hypothesis": "it was", "label": "contradiction", "idx": 2}],
+     ["contradiction", "entailment", "neutral"],
+     Example("It was a complex language. Not written down but handed down.", "the language was peeled down", 1),
+     ("premise", "hypothesis")),
+    ("COPA", "train.jsonl",
+     [{"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
+       "choice2": "The grass was cut.", "question": "cause", "label": 0, "idx": 0},
+      {"premise": "The woman tolerated her friend's difficult behavior.", "choice1": "The woman knew her friend "
+       "was going through a hard time.", "choice2": "The woman felt that her friend took advantage of her "
+       "kindness.", "question": "effect", "label": 1, "idx": 1}],
+     ["0", "1"],
+     Example("My body cast a shadow over the grass. What was the cause?",
+             "(1) The sun was rising. (2) The grass was cut.", 0), ("premise_question", "choices")),
+    ("RTE", "val.jsonl",
+     [{"premise": "Dana Reeve, the widow of the actor Christopher Reeve, has died.",
+       "hypothesis": "Christopher Reeve had an accident.", "label": "not_entailment", "idx": 0},
+      {"premise": "Yet, we now are discovering that antibiotics are losing their effectiveness.",
+       "hypothesis": "Bacteria is winning the war against antibiotics.", "label": "entailment", "idx": 1}],
+     ["entailment", "not_entailment"],
+     Example("Dana Reeve, the widow of the actor Christopher Reeve, has died.",
+             "Christopher Reeve had an accident.", 1), ("premise", "hypothesis")),
+    ("WiC", "train.jsonl",
+     [{"word": "place", "sentence1": "Do you want to come over to my place later?",
+       "sentence2": "A political system with no place for the less prominent groups.", "idx": 0, "label": False,
+       "start1": 31, "start2": 27, "end1": 36, "end2": 32, "version": 1.1},
+      {"word": "beat", "sentence1": "We beat the competition.", "sentence2": "Agassi beat Becker in the tennis "
+       "championship.", "idx": 1, "label": True, "start1": 3, "start2": 7, "end1": 7, "end2": 11,
+       "version": 1.1}],
+     ["False", "True"],
+     Example("place: Do you want to come over to my place later?",
+             "A political system with no place for the less prominent groups.", 0),
+     ("word_sentence1", "sentence2")),
+    ("WSC", "val.jsonl",
+     [{"text": "Mark told Pete many lies about himself, which Pete included in his book. He should have been "
+       "more truthful.", "target": {"span2_index": 13, "span1_index": 0, "span1_text": "Mark",
+                                     "span2_text": "He"}, "idx": 0, "label": True},
+      {"text": "The trophy doesn't fit into the brown suitcase because it is too large.",
+       "target": {"span2_index": 10, "span1_index": 7, "span1_text": "brown suitcase", "span2_text": "it"},
+       "idx": 1, "label": False}],
+     ["False", "True"],
+     Example("Mark told Pete many lies about himself, which Pete included in his book. He should have been more "
+             "truthful.", 'Does "He" refer to "Mark"?', 1), ("text", "span_question")),
+    ("AX-b", "AX-b.jsonl",
+     [{"sentence1": "The cat sat on the mat.", "sentence2": "The cat did not sit on the mat.",
+       "label": "not_entailment", "idx": 0, "logic": "Negation"},
+      {"sentence1": "The cat sat on the mat.", "sentence2": "An animal sat on the mat.", "label": "entailment",
+       "idx": 1}],
+     ["entailment", "not_entailment"],
+     Example("The cat sat on the mat.", "The cat did not sit on the mat.", 1), ("sentence1", "sentence2")),
+    ("AX-g", "AX-g.jsonl",
+     [{"premise": "The paramedic performed CPR on the passenger even though she knew it was too late.",
+       "hypothesis": "The paramedic knew it was too late.", "label": "entailment", "idx": 0, "pair_id": 550},
+      {"premise": "The paramedic performed CPR on the passenger even though she knew it was too late.",
+       "hypothesis": "The passenger knew it was too late.", "label": "not_entailment", "idx": 1, "pair_id": 550}],
+     ["entailment", "not_entailment"],
+     Example("The paramedic performed CPR on the passenger even though she knew it was too late.",
+             "The paramedic knew it was too late.", 0), ("premise", "hypothesis")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("task_dir, name, content, kind, names, first, columns", GLUE_LAYOUTS,
+                         ids=[f"{c[0]}/{c[1]}" for c in GLUE_LAYOUTS])  # fmt: skip
+def test_glue_layouts_load_without_column_options(
+    tmp_path, task_dir, name, content, kind, names, first, columns
+):
+    (tmp_path / task_dir).mkdir()
+    path = write(tmp_path / task_dir / name, content)
+    task = load_task(path)
+    assert (task.kind, task.label_names, task.text_columns) == (kind, names, columns)
+    assert task.train[0] == first
+    assert len(task.train) == len([ln for ln in content.splitlines() if ln]) - (task_dir != "CoLA")
+
+
+@pytest.mark.parametrize("task_dir, name, rows, names, first, columns", SUPERGLUE_LAYOUTS,
+                         ids=[c[0] for c in SUPERGLUE_LAYOUTS])  # fmt: skip
+def test_superglue_layouts_load_without_column_options(tmp_path, task_dir, name, rows, names, first, columns):
+    (tmp_path / task_dir).mkdir()
+    task = load_task(write(tmp_path / task_dir / name, "\ufeff" + _jsonl(rows)))  # a BOM is skipped
+    assert (task.kind, task.label_names, task.text_columns) == ("classification", names, columns)
+    assert task.train[0] == first and len(task.train) == len(rows)
+
+
+def test_layout_detection_by_directory_name_and_format():
+    from prunepeft.data import TASK_LAYOUTS, detect_layout
+
+    assert detect_layout("glue_data/sst2/train.tsv")[0] == "SST-2"
+    assert detect_layout("x/sts_b/dev.tsv")[0] == "STS-B" and detect_layout("x/cola/dev.tsv")[0] == "CoLA"
+    assert detect_layout("glue_data/diagnostic/diagnostic.tsv")[0] == "AX"
+    assert detect_layout("x/RTE/train.tsv")[1].benchmark == "GLUE"
+    assert detect_layout("x/RTE/val.jsonl")[1].benchmark == "SuperGLUE"
+    assert detect_layout("x/AX-b/AX-b.jsonl")[0] == "AX-b" and detect_layout("x/AX-g/AX-g.jsonl")[0] == "AX-g"
+    assert detect_layout("x/RTE/train.csv") is None and detect_layout("x/CoLA/train.jsonl") is None
+    assert detect_layout("x/mydata/train.tsv") is None and detect_layout("x/RTE_v2/train.tsv") is None
+    glue = ("CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "WNLI", "AX")
+    superglue = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC", "AX-b", "AX-g")
+    for task in (*glue, *superglue):
+        assert task in TASK_LAYOUTS, task
+    assert {lay.benchmark for lay in TASK_LAYOUTS["RTE"]} == {"GLUE", "SuperGLUE"}
+
+
+def test_cola_headerless_train_and_dev_together(tmp_path):
+    cola = tmp_path / "CoLA"
+    cola.mkdir()
+    train = write(cola / "train.tsv", "gj04\t1\t\tOne more pseudo generalization and I'm giving up.\n"
+                  "gj04\t0\t*\tThey drank the pub.\n")  # fmt: skip
+    dev = write(cola / "dev.tsv", "gj04\t0\t*\tThe more you eat, the less you want the more.\n")
+    task = load_task(train, dev)
+    assert task.label_column == "label" and len(task.train) == 2 and task.eval[0].label == 0
+    assert task.eval[0].text_a == "The more you eat, the less you want the more."
+    # header=False (the old way) still names the columns by position
+    positional = load_task(train, header=False, text_columns="3", label_column="1")
+    assert positional.train[0].text_a.startswith("One more") and positional.text_columns == ("3",)
+
+
+def test_headerless_and_headed_sst2(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    bare = write(
+        tmp_path / "SST-2" / "train.tsv", "hide new secretions from the parental units \t0\ngood \t1\n"
+    )
+    task = load_task(bare)
+    assert [(e.text_a, e.label) for e in task.train] == [("hide new secretions from the parental units ", 0),
+                                                         ("good ", 1)]  # fmt: skip
+    headed = write(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel\nbad \t0\ngood \t1\n")
+    assert len(load_task(headed).train) == 2
+
+
+def test_unlabeled_test_files_and_unsupported_tasks_say_so(tmp_path):
+    for task_dir in ("CoLA", "MNLI", "AX", "MultiRC", "ReCoRD", "COPA", "WSC"):
+        (tmp_path / task_dir).mkdir()
+    cola_test = write(tmp_path / "CoLA" / "test.tsv", "index\tsentence\n0\tBill whistled past the house.\n")
+    with pytest.raises(ValueError, match=r"label column.*CoLA test files carry no labels"):
+        load_task(cola_test)
+    mnli_test = write(tmp_path / "MNLI" / "test_matched.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n")
+    with pytest.raises(ValueError, match=r"MNLI test files carry no labels"):
+        load_task(mnli_test)
+    ax = write(
+        tmp_path / "AX" / "AX.tsv", "index\tsentence1\tsentence2\n0\tThe cat sat.\tThe cat did not sit.\n"
+    )
+    with pytest.raises(ValueError, match=r"AX test files carry no labels"):
+        load_task(ax)
+    question = {"question": "Who?", "answers": [{"text": "Sam", "label": 1}]}
+    row = {"idx": 0, "version": 1.1, "passage": {"text": "Sent 1: ...", "questions": [question]}}
+    multirc = write(tmp_path / "MultiRC" / "val.jsonl", _jsonl([row]))
+    with pytest.raises(ValueError, match=r"MultiRC is not supported: its rows nest"):
+        load_task(multirc)
+    record = write(
+        tmp_path / "ReCoRD" / "val.jsonl", _jsonl([{"passage": {"text": "x"}, "qas": [], "idx": 0}])
+    )
+    with pytest.raises(ValueError, match=r"ReCoRD is not supported: it is cloze-style"):
+        load_task(record)
+    copa = write(
+        tmp_path / "COPA" / "val.jsonl", _jsonl([{"premise": "p", "choice1": "a", "question": "cause"}])
+    )
+    with pytest.raises(ValueError, match=r"line 1: not a COPA row: no 'choice2' field"):
+        load_task(copa)
+    wsc = write(tmp_path / "WSC" / "val.jsonl", _jsonl([{"text": "t", "target": "He", "label": True}]))
+    with pytest.raises(ValueError, match=r"line 1: not a WSC row"):
+        load_task(wsc)
+
+
+def test_explicit_columns_override_a_detected_layout(tmp_path):
+    (tmp_path / "QQP").mkdir()
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    p = write(tmp_path / "QQP" / "train.tsv", header + "1\t1\t2\tq one\tq two\t0\n2\t3\t4\tq3\tq4\t1\n")
+    task = load_task(p, text_columns=("question2",), label_column="is_duplicate")
+    assert task.text_columns == ("question2",) and task.train[0] == Example("q two", None, 0)
+    one_class = load_task(p, max_examples=1, label_names=["0", "1"])  # label_names: one class may be present
+    assert one_class.label_names == ["0", "1"] and len(one_class.train) == 1
+    with pytest.raises(ValueError, match=r"label column 'nope' not found; available columns: \[[^]]*\]$"):
+        load_task(p, label_column="nope")  # no "test files carry no labels" hint: this file has its labels
+    with pytest.raises(ValueError, match=r"label_names needs at least 2 classes"):
+        load_task(p, label_names=["0"], max_examples=1)
+
+
+# --------------------------------------------------------------------------------------------------
 # bad inputs
 
 
