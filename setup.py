@@ -11,6 +11,7 @@ ext_modules = [
         "prunepeft._C",
         sources=["csrc/bank.cpp", "csrc/bindings.cpp"],
         include_dirs=["csrc"],
+        depends=["csrc/bank.hpp", "csrc/thread_pool.hpp"],
         cxx_std=17,
         extra_compile_args=["-O3", "-Wall", "-Wextra", "-ffp-contract=off"],
     )

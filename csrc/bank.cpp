@@ -40,11 +40,29 @@
 //   + AdaLoRA (24 B/elem):  2.79 ms, 17 GB/s, 0.15x memcpy  ->  0.64-0.67 ms,
 //                           69-72 GB/s, 0.64-0.76x memcpy
 // Single thread, same bank (C++ harness, contended): 0.26 ms with AVX-512,
-// 0.47 ms with AVX2, 0.89 ms portable, 2.7 ms before. 2 threads gain little
-// over 1 here, likely thread start-up (a new std::thread per call) plus the
-// contention on the second core; a persistent pool is the next step.
+// 0.47 ms with AVX2, 0.89 ms portable, 2.7 ms before. (That bank fits in
+// the 32 MiB L3: these are cache, not DRAM, figures.)
+//
+// Threads come from a persistent pool (thread_pool.hpp: started once, parked
+// between calls, re-created in a fork()ed child), no longer a std::thread per
+// call. The tasks are claimed through an atomic counter by whoever is
+// running, so a helper that is late (its core busy) costs nothing.
+// Out of cache, bench/bench_scoring.py on a Llama-7B-shaped bank of 18.2M
+// elements (139 MiB of param+grad, 4.3x the LLC), same kind of VM but
+// without AVX-512 (AVX2 kernel) and with both cores busy with other jobs
+// (load average ~4), median of 21, copy = torch copy of the same bytes:
+//   param+grad, 1 thread:   14.9 ms,  9.8 GB/s, 0.84x copy (11.7 GB/s r+w)
+//   param+grad, 2 threads:  23.1 ms,  6.3 GB/s, 0.60x copy (10.6 GB/s r+w)
+//   + AdaLoRA, 1 thread:    64.5 ms,  6.8 GB/s, 0.90x copy
+//   + AdaLoRA, 2 threads:   75.4 ms,  5.8 GB/s, 0.91x copy
+// One core already saturates this VM's DRAM; the second thread only adds
+// waits for a preempted helper. Compute headroom (1 thread, CPU time, data
+// in L3): ~22-25 GB/s plain, ~11-12 GB/s with AdaLoRA, whose float<->double
+// conversions (8 per 4 elements) would become the limit on a machine whose
+// single-core copy bandwidth exceeds ~20 GB/s.
 
 #include "bank.hpp"
+#include "thread_pool.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -53,7 +71,6 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -63,6 +80,12 @@
 
 namespace prunepeft {
 namespace {
+
+// Stops and joins the shared pool's workers at exit() or when the module is
+// unloaded (see thread_pool.hpp).
+struct PoolShutdown {
+  ~PoolShutdown() { detail::shutdown_shared_pool(); }
+} g_pool_shutdown;
 
 constexpr int64_t kI64Max = std::numeric_limits<int64_t>::max();
 constexpr int64_t kI64Min = std::numeric_limits<int64_t>::min();
@@ -654,25 +677,40 @@ Compaction compact(const CandidateSpec& spec, Span<uint8_t> keep) {
   c.plan = make_plan_impl(new_spec, fn);
   const Plan& np = c.plan;
   auto nc = [&](int64_t i, int64_t col) { return np.cand[static_cast<size_t>(i * kCandCols + col)]; };
-  c.gather.assign(static_cast<size_t>(np.total), -1);
   c.block_gather.assign(static_cast<size_t>(np.n_blocks), -1);
-
-  auto copy_range = [&](int64_t dst, int64_t src, int64_t len) {
-    for (int64_t t = 0; t < len; ++t) c.gather[static_cast<size_t>(dst + t)] = src + t;
-  };
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t bs = spec.block_size[i], in_dim = spec.in_dim[i], out_dim = spec.out_dim[i];
     int64_t k = 0;  // index of the next kept block within the candidate
-    for (int64_t j = 0; j < oc(i, 5); ++j) {
-      const int64_t ob = oc(i, 6) + j;
-      if (!keep[ob]) continue;
-      c.block_gather[static_cast<size_t>(nc(i, 6) + k)] = ob;
-      copy_range(nc(i, 0) + k * bs * in_dim, oc(i, 0) + j * bs * in_dim, bs * in_dim);
-      copy_range(nc(i, 1) + k * bs * out_dim, oc(i, 1) + j * bs * out_dim, bs * out_dim);
-      if (spec.has_bias[i]) copy_range(nc(i, 2) + k * bs, oc(i, 2) + j * bs, bs);
-      ++k;
+    for (int64_t ob = oc(i, 6); ob < oc(i, 6) + oc(i, 5); ++ob)
+      if (keep[ob]) c.block_gather[static_cast<size_t>(nc(i, 6) + k++)] = ob;
+  }
+
+  // gather: one pass over the new segments, which tile [0, total) in layout
+  // order; each is a run of consecutive old indices. Appending the runs
+  // writes every entry once (no pre-fill pass: at the 7B scale the gather is
+  // ~350 MB and writing fresh memory is the whole cost).
+  c.gather.reserve(static_cast<size_t>(np.total));
+  int64_t buf[1024];
+  auto append_run = [&](int64_t src, int64_t len) {
+    for (int64_t t = 0; t < len; t += 1024) {
+      const int64_t m = std::min<int64_t>(1024, len - t);
+      for (int64_t u = 0; u < m; ++u) buf[u] = src + t + u;
+      c.gather.insert(c.gather.end(), buf, buf + m);
     }
-    if (nc(i, 3) >= 0) copy_range(nc(i, 3), oc(i, 3), out_dim);
+  };
+  for (int64_t s = 0; s < np.n_segs; ++s) {
+    const int64_t off = np.seg[static_cast<size_t>(3 * s)], len = np.seg[static_cast<size_t>(3 * s + 1)];
+    const int64_t owner = np.seg[static_cast<size_t>(3 * s + 2)];
+    if (owner >= np.n_blocks) {  // a candidate's bu
+      append_run(oc(owner - np.n_blocks, 3), len);
+      continue;
+    }
+    const int64_t i = np.block[static_cast<size_t>(owner * kBlockCols)];
+    const int64_t j = c.block_gather[static_cast<size_t>(owner)] - oc(i, 6);  // old block within i
+    const int64_t bs = spec.block_size[i];
+    // Per group the D's precede the Ut's, which precede the bd's.
+    if (nc(i, 2) >= 0 && off >= nc(i, 2)) append_run(oc(i, 2) + j * bs, len);
+    else if (off >= nc(i, 1)) append_run(oc(i, 1) + j * bs * spec.out_dim[i], len);
+    else append_run(oc(i, 0) + j * bs * spec.in_dim[i], len);
   }
   return c;
 }
@@ -715,17 +753,7 @@ std::vector<double> block_stats(const StatsInputs& in, const StatsOptions& opt) 
   int64_t n_threads = opt.n_threads;
   if (n_threads == 0) n_threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
   n_threads = std::min<int64_t>(n_threads, static_cast<int64_t>(n_tasks));
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(std::max<int64_t>(n_threads - 1, 0)));
-  for (int64_t t = 1; t < n_threads; ++t) {
-    try {
-      pool.emplace_back(worker);
-    } catch (const std::system_error&) {
-      break;  // could not start another thread: the ones we have finish the work
-    }
-  }
-  worker();
-  for (auto& th : pool) th.join();
+  detail::parallel_run(n_threads, worker);  // the persistent pool, see thread_pool.hpp
 
   // Ordered reduce: per owner, partials are added in piece order.
   std::vector<double> out(static_cast<size_t>(in.n_owners * kStatCols), 0.0);

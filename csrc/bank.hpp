@@ -107,7 +107,7 @@ struct StatsOptions {
   double beta1 = 0.85;       // EMA factor of the sensitivity
   double beta2 = 0.85;       // EMA factor of the uncertainty
   double accum_beta = -1.0;  // < 0: accum += stats; in [0, 1]: accum = b*accum + (1-b)*stats
-  int64_t n_threads = 0;     // 0 = std::thread::hardware_concurrency()
+  int64_t n_threads = 0;     // 0 = std::thread::hardware_concurrency(); from a persistent pool
   bool portable_kernel = false;  // testing: skip the SIMD kernel (same results, bit for bit)
 };
 

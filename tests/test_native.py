@@ -11,7 +11,12 @@ CI builds the extension, so these tests FAIL (they do not skip) when
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import subprocess
 import sys
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -272,6 +277,125 @@ def test_block_stats_empty_and_noncontiguous() -> None:
     assert_stats_close(
         native.block_stats(param, param, seg, 2, 0.1), ref.block_stats(param, param, seg, 2, 0.1)
     )
+
+
+# --------------------------------------------------------------------------- thread pool
+
+# A bank of ~9.6 chunks whose first candidate has segments longer than one chunk (128 000 elements).
+POOL_SPEC = ([1000, 1000, 300], [700, 1500, 300], [256, 64, 60], [128, 4, 3], [0, 0, 1], [True, False, True])
+
+
+def pool_bank() -> tuple[dict, torch.Tensor, int]:
+    p = ref.plan(*POOL_SPEC)
+    assert p["total"] > 8 * native._native().CHUNK
+    assert int(p["seg"][:, Seg.LENGTH].max()) > native._native().CHUNK
+    return stats_inputs(p["seg"], seed=11), p["seg"], p["block"].shape[0] + 3
+
+
+def _task_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_block_stats_bitwise_across_threads_multi_chunk() -> None:
+    x, seg, n_owners = pool_bank()
+    runs = []
+    for n_threads in (1, 2, 3, 0, 2, 1):
+        sens, unc = x["sens"].clone(), x["unc"].clone()
+        accum = torch.ones(n_owners, 8, dtype=torch.float64)
+        got = native.block_stats(
+            x["param"], x["grad"], seg, n_owners, 1e-3, sens=sens, unc=unc, accum=accum, accum_beta=0.5,
+            n_threads=n_threads,
+        )  # fmt: skip
+        runs.append((got, sens, unc, accum))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True))
+    want = ref.block_stats(
+        x["param"], x["grad"], seg, n_owners, 1e-3, sens=x["sens"].clone(), unc=x["unc"].clone()
+    )
+    assert_stats_close(runs[0][0], want)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_pool_is_reused() -> None:
+    """block_stats starts its workers once: 100 calls do not add threads."""
+    x, seg, n_owners = pool_bank()
+    args = (x["param"], x["grad"], seg, n_owners, 1e-3)
+    before = _task_count()
+    want = native.block_stats(*args, n_threads=3)  # creates (or grows) the pool
+    warm = _task_count()
+    assert warm - before <= max((os.cpu_count() or 1) - 1, 2)
+    for i in range(100):
+        assert torch.equal(native.block_stats(*args, n_threads=(0, 1, 2, 3)[i % 4]), want)
+    assert _task_count() == warm
+
+
+def _stats_in_child(args: tuple, want: torch.Tensor) -> None:
+    """Target of a forked child: exit code 0 iff block_stats runs and gives the parent's result."""
+    ok = all(torch.equal(native.block_stats(*args, n_threads=t), want) for t in (2, 0))
+    sys.exit(0 if ok else 3)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
+def test_pool_after_fork(busy: bool) -> None:
+    """A child forked from a process whose pool runs (idle, or mid-call in another thread when
+    busy) gets a fresh pool instead of deadlocking on the parent's."""
+    x, seg, n_owners = pool_bank()
+    args = (x["param"], x["grad"], seg, n_owners, 1e-3)
+    want = native.block_stats(*args, n_threads=2)  # the parent's pool exists
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            native.block_stats(*args, n_threads=2)
+
+    thread = threading.Thread(target=hammer, daemon=True) if busy else None
+    if thread:
+        thread.start()
+    try:
+        ctx = multiprocessing.get_context("fork")
+        for _ in range(3 if busy else 1):
+            with warnings.catch_warnings():  # Python >= 3.12 warns about fork() with threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                child = ctx.Process(target=_stats_in_child, args=(args, want))
+                child.start()
+            child.join(timeout=60)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+                pytest.fail("block_stats deadlocked in a forked child")
+            assert child.exitcode == 0
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
+    assert torch.equal(native.block_stats(*args, n_threads=2), want)
+
+
+_EXIT_WHILE_BUSY = """
+import threading, time
+import numpy as np
+from prunepeft import _C
+n = 1 << 21
+p, g = np.ones(n, np.float32), np.ones(n, np.float32)
+seg = np.array([[0, n, 0]], dtype=np.int64)
+busy = threading.Event()
+def hammer():
+    while True:
+        _C.block_stats(p, g, seg, 1, 1e-3, n_threads=2)
+        busy.set()
+threading.Thread(target=hammer, daemon=True).start()
+busy.wait()
+"""
+
+
+def test_exit_while_a_daemon_thread_scores() -> None:
+    """The interpreter exits cleanly (no abort) while a daemon thread is inside block_stats: the GIL
+    is retaken outside a noexcept destructor, and the pool is shut down at exit."""
+    for _ in range(3):
+        r = subprocess.run(
+            [sys.executable, "-c", _EXIT_WHILE_BUSY], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- select_prune

@@ -5,14 +5,23 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <atomic>
 #include <functional>
 #include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bank.hpp"
+#include "thread_pool.hpp"
+
+#if defined(__linux__)
+#include <dirent.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 namespace pp = prunepeft;
 
@@ -412,12 +421,160 @@ static void test_select_prune() {
   CHECK_THROWS([&] { pp::select_prune(in); }, "group[3]");
 }
 
+// The pool protocol: every participant runs the body, the caller included;
+// helpers beyond the request stay parked; exceptions reach the caller; a
+// second caller while a job runs works alone; stop() joins and later jobs run
+// on the caller.
+static void test_thread_pool() {
+  namespace d = pp::detail;
+  d::ThreadPool pool(3);
+  CHECK_EQ(pool.workers(), 3);
+  struct Ctx {
+    std::atomic<int> calls{0};
+    std::atomic<int64_t> next{0}, sum{0};
+  };
+  auto body = [](void* p) {
+    auto* c = static_cast<Ctx*>(p);
+    ++c->calls;
+    for (int64_t t = c->next.fetch_add(1); t < 100000; t = c->next.fetch_add(1)) c->sum += t;
+  };
+  for (int helpers : {0, 1, 2, 3, 5}) {  // 5: the pool grows
+    Ctx c;
+    pool.run(helpers, body, &c);
+    CHECK_EQ(c.sum.load(), int64_t{100000} * 99999 / 2);
+    CHECK(c.calls.load() >= 1 && c.calls.load() <= 1 + helpers);
+  }
+  CHECK_EQ(pool.workers(), 5);
+
+  // Exceptions: a helper's or the caller's reaches the caller.
+  struct Throw {
+    std::atomic<int> calls{0};
+  } th;
+  bool thrown = false;
+  try {
+    pool.run(2, [](void* p) {
+      if (static_cast<Throw*>(p)->calls++ >= 0) throw std::runtime_error("boom");
+    }, &th);
+  } catch (const std::runtime_error&) {
+    thrown = true;
+  }
+  CHECK(thrown);
+
+  // Nested run (a body calling run on the same pool): the inner call works alone.
+  struct Nest {
+    d::ThreadPool* pool;
+    std::atomic<int> inner{0};
+  } nest{&pool};
+  pool.run(1, [](void* p) {
+    auto* n = static_cast<Nest*>(p);
+    n->pool->run(3, [](void* q) { ++*static_cast<std::atomic<int>*>(q); }, &n->inner);
+  }, &nest);
+  CHECK(nest.inner.load() >= 1 && nest.inner.load() <= 2);  // one inner job per participant
+
+  // Concurrent callers from two threads: both complete with the right sum.
+  {
+    Ctx a, b;
+    std::thread t([&] { for (int i = 0; i < 50; ++i) { a.next = 0; a.sum = 0; pool.run(2, body, &a); } });
+    for (int i = 0; i < 50; ++i) {
+      b.next = 0;
+      b.sum = 0;
+      pool.run(2, body, &b);
+    }
+    t.join();
+    CHECK_EQ(a.sum.load(), int64_t{100000} * 99999 / 2);
+    CHECK_EQ(b.sum.load(), int64_t{100000} * 99999 / 2);
+  }
+
+  pool.stop();
+  CHECK_EQ(pool.workers(), 0);
+  Ctx c;
+  pool.run(2, body, &c);
+  CHECK_EQ(c.calls.load(), 1);
+  CHECK_EQ(c.sum.load(), int64_t{100000} * 99999 / 2);
+}
+
+#if defined(__linux__)
+static int count_threads() {
+  int n = 0;
+  if (DIR* dir = opendir("/proc/self/task")) {
+    while (const dirent* e = readdir(dir)) n += e->d_name[0] != '.';
+    closedir(dir);
+  }
+  return n;
+}
+
+// block_stats reuses one pool (the thread count does not grow over many
+// calls) and works in a fork()ed child of a process whose pool is running,
+// even when the fork happens while another thread is inside block_stats.
+static void test_shared_pool_reuse_and_fork() {
+  const int64_t total = 5 * pp::kChunk + 123;
+  std::vector<float> w(total), g(total);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t i = 0; i < total; ++i) {
+    w[static_cast<size_t>(i)] = nd(rng);
+    g[static_cast<size_t>(i)] = nd(rng);
+  }
+  const std::vector<int64_t> seg = {0, total, 0};
+  auto stats = [&](int64_t threads) {
+    pp::StatsInputs in;
+    in.param = {w.data(), total};
+    in.grad = {g.data(), total};
+    in.seg = {seg.data(), 3};
+    in.n_owners = 1;
+    pp::StatsOptions opt;
+    opt.threshold = 0.1;
+    opt.n_threads = threads;
+    return pp::block_stats(in, opt);
+  };
+  const auto want = stats(1);
+  CHECK(stats(2) == want);  // creates the pool
+  const int before = count_threads();
+  bool same = true;
+  for (int i = 0; i < 100; ++i) same = same && stats(i % 3 == 0 ? 0 : 2) == want;
+  CHECK(same);
+  CHECK_EQ(count_threads(), before);
+
+  // fork from a quiet parent, then from one whose other thread keeps the pool busy.
+  std::atomic<bool> busy{false}, quit{false};
+  std::thread hammer;
+  for (int round = 0; round < 4; ++round) {
+    if (round == 1) {
+      hammer = std::thread([&] {
+        while (!quit) {
+          stats(2);
+          busy = true;
+        }
+      });
+      while (!busy) std::this_thread::yield();
+    }
+    const pid_t pid = fork();
+    if (pid == 0) {
+      alarm(60);  // a deadlock ends as SIGALRM, not a hung test
+      const bool ok = stats(2) == want && stats(3) == want;
+      _exit(ok ? 0 : 3);
+    }
+    CHECK(pid > 0);
+    int status = 0;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  quit = true;
+  hammer.join();
+  CHECK(stats(2) == want);  // the parent's pool is unaffected
+}
+#endif
+
 int main() {
   test_plan_layout();
   test_plan_errors();
   test_compact();
   test_block_stats();
   test_select_prune();
+  test_thread_pool();
+#if defined(__linux__)
+  test_shared_pool_reuse_and_fork();
+#endif
   std::printf("test_bank: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
