@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import available_backends, get_backend
+from .backends import get_backend, scoring_backend_name
 from .layout import STAT_COLUMNS, Block, CandRow, Seg
 from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
 
@@ -117,6 +117,7 @@ class ModuleBank(nn.Module):
             raise ValueError("candidate names must be unique")
         self.specs = list(specs)
         self.backend_name = get_backend(backend).__name__.rsplit(".", 1)[-1]
+        self._explicit_backend = backend is not None
         groups: dict[str, int] = {}
         self._group_ids = [groups.setdefault(s.group or s.name, len(groups)) for s in specs]
         self._widths = [s.width for s in specs]
@@ -530,10 +531,10 @@ class ModuleBank(nn.Module):
         n_owners = self.num_blocks + self.num_candidates
         if self.stats is None or self.stats.shape[0] != n_owners:
             self.stats = torch.zeros(n_owners, len(STAT_COLUMNS), dtype=torch.float64)
-        backend = self.backend
-        if self.flat.is_cuda and "triton" in available_backends():
+        name = scoring_backend_name(self.flat.device.type, self.backend_name, self._explicit_backend)
+        backend = get_backend(name)
+        if name == "triton":
             # the fused Triton pass reads params and grads where they are (no copy to the host)
-            backend = get_backend("triton")
             param = self.flat.detach().float()
             grad = None if self.flat.grad is None else self.flat.grad.detach().float()
         else:

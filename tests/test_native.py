@@ -550,3 +550,16 @@ def test_import_without_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native.available() is False
     with pytest.raises(RuntimeError, match=r"prunepeft\._C is not built: run `pip install -e \.`"):
         native.plan(*SPEC)
+
+
+def test_forced_reference_backend_scores_on_cuda_too(monkeypatch):
+    """PRUNEPEFT_BACKEND (or an explicit ModuleBank backend) decides scoring on every device."""
+    import prunepeft.backends as B
+
+    monkeypatch.setattr(B, "available_backends", lambda: ("reference", "native", "triton"))
+    monkeypatch.delenv("PRUNEPEFT_BACKEND", raising=False)
+    assert B.scoring_backend_name("cuda", "native", explicit=False) == "triton"
+    assert B.scoring_backend_name("cpu", "native", explicit=False) == "native"
+    assert B.scoring_backend_name("cuda", "reference", explicit=True) == "reference"
+    monkeypatch.setenv("PRUNEPEFT_BACKEND", "reference")
+    assert B.scoring_backend_name("cuda", "reference", explicit=False) == "reference"

@@ -25,6 +25,25 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name in BACKENDS if ok[name])
 
 
+def forced_backend() -> str | None:
+    """The backend ``$PRUNEPEFT_BACKEND`` forces, if any (lower case)."""
+    return os.environ.get("PRUNEPEFT_BACKEND", "").strip().lower() or None
+
+
+def scoring_backend_name(device_type: str, bank_backend: str, explicit: bool) -> str:
+    """Which backend scores a bank whose parameters live on ``device_type``.
+
+    On CUDA the fused Triton pass reads parameters and gradients where they are, unless a backend was
+    chosen explicitly (``ModuleBank(backend=...)`` or ``$PRUNEPEFT_BACKEND``): then that one scores,
+    on every device (``reference`` and ``native`` copy to the host).
+    """
+    if explicit or forced_backend() is not None:
+        return bank_backend
+    if device_type == "cuda" and "triton" in available_backends():
+        return "triton"
+    return bank_backend
+
+
 def get_backend(name: str | None = None) -> ModuleType:
     """Return the backend module ``name`` (default: ``$PRUNEPEFT_BACKEND`` or the best available)."""
     name = name or os.environ.get("PRUNEPEFT_BACKEND") or ("native" if native.available() else "reference")

@@ -131,6 +131,9 @@ def block_stats(
 
     See :func:`prunepeft.backends.reference.block_stats`. ``sens``, ``unc``
     and ``accum`` must be contiguous CPU tensors (float32, float32, float64).
+    ``n_threads`` (0 = all hardware threads) counts the calling thread; the
+    others come from a pool that ``prunepeft._C`` starts once and reuses (a
+    forked child starts its own). The GIL is released while it runs.
     """
     fn = "block_stats"
     lib = _native()
