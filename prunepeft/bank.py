@@ -9,6 +9,9 @@ site computes all its down-projections with one GEMM and all its up-projections 
 The sites read their slabs as views of ``flat`` at forward time, so one optimizer over ``flat``
 trains everything, and compaction (dropping pruned blocks) is one gather applied alike to the
 parameters, their gradients, the optimizer state and the accumulated statistics.
+
+This module is the layout (plan, slabs, layout groups, masks, compaction); the statistics the
+criteria read are :mod:`prunepeft.statistics` (a mixin of :class:`ModuleBank`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import get_backend, scoring_backend_name
-from .layout import STAT_COLUMNS, Block, CandRow, Seg
+from .backends import get_backend
+from .layout import CandRow
 from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
+from .statistics import BankStatistics
 
 KINDS = ("lora", "parallel_adapter", "serial_adapter")
 
@@ -92,7 +96,7 @@ class _Slab:
     pieces: list[tuple[int, int, str, int, int]]  # lo, hi, activation, bd_off, bu_off (-1: none)
 
 
-class ModuleBank(nn.Module):
+class ModuleBank(BankStatistics, nn.Module):
     """All candidates' parameters in one flat ``nn.Parameter`` plus the tables that describe it.
 
     Candidate ids (positions in ``specs``) are stable for the bank's lifetime; a candidate pruned
@@ -130,13 +134,7 @@ class ModuleBank(nn.Module):
         mask_device = "cpu" if self.flat.is_meta else device
         self.register_buffer("block_mask", torch.ones(nb, dtype=torch.bool, device=mask_device))
         self.register_buffer("orig_block", torch.arange(nb, dtype=torch.int64))
-        self.stats: torch.Tensor | None = None  # float64 [nb + n, 8], accumulated statistics
-        self.gate: torch.Tensor | None = None  # float64 [nb + n], accumulated |d loss / d unit gate|
-        self.collect_activations = False  # when on, sites accumulate sum |h| per unit (activation criterion)
-        self.act_sum: torch.Tensor | None = None  # float32 [total_units], sum over tokens of |h|
-        self.act_tokens: torch.Tensor | None = None  # float64 [total_units], tokens seen per unit
-        self.sens: torch.Tensor | None = None  # AdaLoRA smoothed sensitivity, per element
-        self.unc: torch.Tensor | None = None  # AdaLoRA uncertainty, per element
+        self._init_statistics()
         self._set_plan(plan)
         self.reset_parameters(seed=seed)
 
@@ -411,16 +409,6 @@ class ModuleBank(nn.Module):
         region = self.flat.narrow(0, start, layout.size)
         return region, layout, self.unit_scale.narrow(0, unit0, layout.width)
 
-    def group_activation_buffer(self, gid: int, n_tokens: int) -> torch.Tensor | None:
-        """:meth:`activation_buffer` for all sites of group ``gid`` at once (their units are one range)."""
-        if not self.collect_activations:
-            return None
-        _, unit0, layout = self._groups[gid]
-        if self.act_sum is None or self.act_sum.numel() != self.total_units:
-            self.reset_activations()
-        self.act_tokens[unit0 : unit0 + layout.width] += n_tokens
-        return self.act_sum.narrow(0, unit0, layout.width)
-
     def stash_group_outputs(self, gid: int, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         """Keep the outputs a group launch computed for ``site``'s siblings until they are called
         with the same tensor ``x`` (at most one pending group per bank: this replaces any other)."""
@@ -445,49 +433,6 @@ class ModuleBank(nn.Module):
             return True, out
         return True, None
 
-    def activation_buffer(self, site: str, tap: str, n_tokens: int) -> torch.Tensor | None:
-        """The slice of ``act_sum`` for a slab while ``collect_activations`` is on (else None).
-
-        Counts ``n_tokens`` for the slab's units; :meth:`activation_means` divides by it.
-        """
-        if not self.collect_activations:
-            return None
-        slab = self._slabs[(site, tap)]
-        if self.act_sum is None or self.act_sum.numel() != self.total_units:
-            self.reset_activations()
-        self.act_tokens[slab.unit_off : slab.unit_off + slab.width] += n_tokens
-        return self.act_sum.narrow(0, slab.unit_off, slab.width)
-
-    def reset_activations(self) -> None:
-        """Zero the activation statistics (start of a round)."""
-        self.act_sum = torch.zeros(self.total_units, dtype=torch.float32, device=self.flat.device)
-        self.act_tokens = torch.zeros(self.total_units, dtype=torch.float64)
-
-    def activation_means(self) -> torch.Tensor:
-        """Per current block: mean over its units and the tokens seen of ``|h|`` (0 if none seen).
-
-        Masked blocks get 0 on every backend: the fused kernels skip their units (nothing is added
-        to ``act_sum`` for them) while the reference adds their unmasked ``|h|``, and a masked block
-        is not eligible for pruning anyway, so its value carries no information.
-
-        Returns float64 ``[num_blocks]``.
-        """
-        out = torch.zeros(self.num_blocks, dtype=torch.float64)
-        if self.act_sum is None or self.act_sum.numel() != self.total_units:
-            return out
-        live = self.block_mask.cpu()
-        sums = self.act_sum.double().cpu()
-        for c, row in enumerate(self._cand):
-            w, n_blocks, first = row.width, row.n_blocks, row.first_block
-            if not w:
-                continue
-            bs, lo = self.specs[c].block_size, self._unit_off[c]
-            tok = self.act_tokens[lo : lo + w].view(n_blocks, bs).sum(1)
-            s = sums[lo : lo + w].view(n_blocks, bs).sum(1)
-            seen = (tok > 0) & live[first : first + n_blocks]
-            out[first : first + n_blocks] = torch.where(seen, s / tok.clamp_min(1), torch.zeros_like(s))
-        return out
-
     # ------------------------------------------------------------------ masking
     @torch.no_grad()
     def set_block_mask(self, keep: torch.Tensor) -> None:
@@ -510,90 +455,6 @@ class ModuleBank(nn.Module):
     def mask_candidates(self, cands) -> None:
         """Deactivate every block of the given candidates."""
         self.mask_blocks([b for c in cands for b in self.candidate_blocks(c)])
-
-    # ------------------------------------------------------------------ statistics
-    @torch.no_grad()
-    def accumulate_stats(
-        self,
-        threshold: float = 1e-3,
-        *,
-        ema: float | None = None,
-        adalora: tuple[float, float] | None = None,
-    ) -> torch.Tensor:
-        """One fused pass over ``flat`` and ``flat.grad``: per-block statistics for every criterion.
-
-        Rows are the current blocks, then one row per candidate for parameters owned by the
-        candidate (``bu``); columns are :data:`STAT_COLUMNS`. The step's statistics are added to
-        ``self.stats`` (a sum, or an exponential moving average with factor ``ema``). With
-        ``adalora=(beta1, beta2)`` the per-element smoothed sensitivity and uncertainty are updated
-        too and column ``sum_sens_unc`` holds their product's sum. Returns this step's statistics.
-        """
-        n_owners = self.num_blocks + self.num_candidates
-        if self.stats is None or self.stats.shape[0] != n_owners:
-            self.stats = torch.zeros(n_owners, len(STAT_COLUMNS), dtype=torch.float64)
-        name = scoring_backend_name(self.flat.device.type, self.backend_name, self._explicit_backend)
-        backend = get_backend(name)
-        if name == "triton":
-            # the fused Triton pass reads params and grads where they are (no copy to the host)
-            param = self.flat.detach().float()
-            grad = None if self.flat.grad is None else self.flat.grad.detach().float()
-        else:
-            param = self.flat.detach().float().cpu()
-            grad = None if self.flat.grad is None else self.flat.grad.detach().float().cpu()
-        if adalora is not None and (self.sens is None or self.sens.device != param.device):
-            self.sens = torch.zeros_like(param) if self.sens is None else self.sens.to(param.device)
-            self.unc = torch.zeros_like(param) if self.unc is None else self.unc.to(param.device)
-        beta1, beta2 = adalora if adalora is not None else (0.85, 0.85)
-        if grad is not None:
-            self._accumulate_gate(param, grad, ema)
-        return backend.block_stats(
-            param,
-            grad,
-            self.plan["seg"],
-            n_owners,
-            threshold,
-            self.sens if adalora is not None else None,
-            self.unc if adalora is not None else None,
-            beta1,
-            beta2,
-            self.stats,
-            -1.0 if ema is None else ema,
-        )
-
-    def _accumulate_gate(self, param: torch.Tensor, grad: torch.Tensor, ema: float | None) -> None:
-        """Accumulate ``|sum(w * g)|`` of every block and of every whole candidate over the step.
-
-        ``sum(w * g)`` over a unit's parameters is the derivative of the loss with respect to a gate
-        scaling the unit's output (for LoRA the D and Ut halves each contribute it once; for a ReLU
-        adapter too, by homogeneity): a loss-unit quantity, comparable across kinds, sites and depths.
-        Rows: blocks, then candidates (each candidate's row holds the gate of the whole candidate,
-        its blocks and its own bias together).
-        """
-        seg = self.plan["seg"].to(param.device)
-        wg = (param.double() * grad.double()).cumsum(0)
-        wg = torch.cat([wg.new_zeros(1), wg])
-        per_seg = wg[seg[:, Seg.OFFSET] + seg[:, Seg.LENGTH]] - wg[seg[:, Seg.OFFSET]]
-        nb, n = self.num_blocks, self.num_candidates
-        owner = (
-            torch.zeros(nb + n, dtype=torch.float64, device=param.device)
-            .index_add_(0, seg[:, Seg.OWNER], per_seg)
-            .cpu()
-        )
-        cand = owner[nb:].clone()
-        block_cand = self.plan["block"][:, Block.CAND]
-        cand.index_add_(0, block_cand, owner[:nb])
-        step = torch.cat([owner[:nb].abs(), cand.abs()])
-        if self.gate is None or self.gate.shape[0] != nb + n:
-            self.gate = torch.zeros(nb + n, dtype=torch.float64)
-        if ema is None:
-            self.gate += step
-        else:
-            self.gate.mul_(ema).add_(step, alpha=1 - ema)
-
-    def reset_stats(self) -> None:
-        """Forget accumulated statistics (start of a new round)."""
-        self.stats = None
-        self.gate = None
 
     # ------------------------------------------------------------------ compaction
     @torch.no_grad()
@@ -619,18 +480,7 @@ class ModuleBank(nn.Module):
             new.grad = old.grad[g].clone()
         if optimizer is not None:
             _swap_optimizer_param(optimizer, old, new, g)
-        n = self.num_candidates
-        if self.stats is not None:
-            nb_old = self.num_blocks
-            rows = torch.cat([block_gather, torch.arange(nb_old, nb_old + n)])
-            self.stats = self.stats[rows].clone()
-        if self.gate is not None:
-            rows = torch.cat([block_gather, torch.arange(self.num_blocks, self.num_blocks + n)])
-            self.gate = self.gate[rows].clone()
-        self.act_sum = self.act_tokens = None  # per-round statistics; units renumber after compaction
-        if self.sens is not None:
-            self.sens = self.sens[gather.to(self.sens.device)].clone()
-            self.unc = self.unc[gather.to(self.unc.device)].clone()
+        self._gather_statistics(block_gather, gather)
         self.orig_block = self.orig_block[block_gather.to(self.orig_block.device)].clone()
         self.flat = new
         self.block_mask = torch.ones(plan["block"].shape[0], dtype=torch.bool, device=self.block_mask.device)
