@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .backends import get_backend
 from .layout import CandRow
 from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
@@ -482,6 +483,8 @@ class ModuleBank(BankStatistics, nn.Module):
             _swap_optimizer_param(optimizer, old, new, g)
         self._gather_statistics(block_gather, gather)
         self.orig_block = self.orig_block[block_gather.to(self.orig_block.device)].clone()
+        if getattr(old, "_prunepeft_grad_average", False):  # several processes: the new tensor averages too
+            distributed.install_grad_average(new)
         self.flat = new
         self.block_mask = torch.ones(plan["block"].shape[0], dtype=torch.bool, device=self.block_mask.device)
         self._set_plan(plan)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .criteria import CRITERIA, criterion_values
 from .hybrid import NORMALISATIONS, Assignment, assign_criteria, make_strategy, unit_regions
 from .layout import Block
@@ -215,8 +216,28 @@ class Pruner:
             return bank.block_mask.cpu().clone()
         return torch.tensor([w > 0 for w in bank.effective_widths()], dtype=torch.bool)
 
+    def _sync_statistics(self) -> None:
+        """Several processes: each saw its own shard in the forward passes, so the activation sums and
+        token counts are summed over ranks (the gradient statistics come from averaged gradients and
+        are equal everywhere already)."""
+        bank = self.handle.bank
+        if distributed.world()[1] > 1 and bank.act_sum is not None:
+            distributed.all_reduce_sum_(bank.act_sum)
+            distributed.all_reduce_sum_(bank.act_tokens)
+
+    def _check_ranks_agree(self, what: str) -> None:
+        """Several processes: every rank must hold the same kept set and parameters (else raise on all)."""
+        if distributed.world()[1] == 1:
+            return
+        bank = self.handle.bank
+        distributed.check_agree(
+            distributed.checksum(bank.effective_widths(), bank.block_mask), f"the kept set {what}"
+        )
+        distributed.check_agree(distributed.checksum(bank.flat), f"the bank's parameters {what}")
+
     def _end_warmup(self) -> None:
         bank = self.handle.bank
+        self._sync_statistics()
         if self.config.strategy == "hybrid":
             g = self.granularity_of(1)
             values = criterion_values(bank)
@@ -232,6 +253,10 @@ class Pruner:
             self.strategy = make_strategy(
                 "hybrid", assignment=self.assignment, normalise=self.config.normalise
             )
+            if distributed.world()[1] > 1:
+                distributed.check_agree(
+                    distributed.checksum(self.assignment.to_dict()), "the criteria assignment"
+                )
         bank.reset_stats()
         bank.reset_activations()
         self._round_t0 = time.perf_counter()
@@ -242,6 +267,7 @@ class Pruner:
         r = len(self.history) + 1
         g = self.granularity_of(r)
         target = self.targets[r - 1]
+        self._sync_statistics()
         values = criterion_values(bank)
         regions = unit_regions(bank, handle.space, g)
         eligible = self._eligible(g)
@@ -268,6 +294,7 @@ class Pruner:
             step_seconds=_median(self._round_step_s),
             probs=self._probs(names, eligible),
         )
+        self._check_ranks_agree(f"after round {r}")
         self.history.append(rec)
         bank.reset_stats()
         bank.reset_activations()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from . import state as S
 from .config import SearchConfig
 from .evaluation import evaluate
@@ -73,7 +74,11 @@ def search(
         configuration (export it with :func:`prunepeft.export.export_peft` / ``save``).
     """
     cfg = config or SearchConfig()
-    say = log or (lambda s: None)
+    distributed.init_from_env()  # under torchrun: one process per rank, the default group
+    distributed.reject_sharded(model)
+    main = distributed.is_main()  # rank 0 alone writes files and prints
+    say = (log or (lambda s: None)) if main else (lambda s: None)
+    progress = progress and main
     out = _output_dir(output_dir, resume)
     seed_everything(cfg.seed)
     data = prepare_data(model, train_data, eval_data, cfg, tokenizer)
@@ -92,7 +97,7 @@ def search(
         if final[key]:
             say(f"final, {what}: " + ", ".join(f"{k} {v:.4f}" for k, v in final[key].items()))
     result = run.result(final, data)
-    if out is not None:
+    if out is not None and main:
         from .report import write_report
 
         result.save(out)
@@ -223,7 +228,7 @@ class _Run:
                  + (f", validation {ev}" if ev else ""))  # fmt: skip
 
     def _save(self) -> None:
-        if self.out is not None:
+        if self.out is not None and distributed.is_main():
             S.save_state(self.out, self.handle, self.opt, self.cfg.to_dict(), self.pruner.state_dict(),
                          self.progress, self.head_init)  # fmt: skip
 
@@ -280,7 +285,7 @@ def check_writable(out: Path) -> None:
     """Raise a clear ``ValueError`` when ``out`` cannot be created or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".prunepeft_write_test"
+        probe = out / f".prunepeft_write_test.{distributed.world()[0]}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import distributed
 from .config import SearchConfig
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "pearson", "causal_lm": "perplexity"}
@@ -126,12 +127,16 @@ def prepare_data(model: nn.Module, train_data, eval_data, cfg: SearchConfig, tok
         task.class_balanced_subset(cfg.warmup_subset, cfg.seed) if cfg.warmup_subset else task.train
     )
 
+    rank, n_proc = distributed.world()
+
     def epoch_of(examples, offset: int):
         bs = min(cfg.batch_size, len(examples))
 
         def make(e: int):
-            return D.batches(examples, batch_size=bs, shuffle=True, seed=cfg.seed * 100_003 + offset + e,
-                             drop_last=True, **kw)  # fmt: skip
+            # every process draws the same global batches and trains on its shard of each
+            out = D.batches(examples, batch_size=bs, shuffle=True, seed=cfg.seed * 100_003 + offset + e,
+                            drop_last=True, **kw)  # fmt: skip
+            return distributed.shard(out, rank, n_proc) if n_proc > 1 else out
 
         return make
 
@@ -158,6 +163,7 @@ def _prepare_batches(train_data, eval_data, cfg: SearchConfig) -> PreparedData:
     from .data import resolve_validation_size
 
     kind = cfg.task_kind or "classification"
+    rank, n_proc = distributed.world()
     batches = list(train_data)
     ev = list(eval_data) if eval_data is not None else None
     per = max(1, len(batches[0].get("labels", batches[0].get("input_ids", [0]))))
@@ -166,6 +172,8 @@ def _prepare_batches(train_data, eval_data, cfg: SearchConfig) -> PreparedData:
     held = set(range(len(batches) - 1, -1, -max(1, len(batches) // k))[:k]) if k else set()
     train = [b for i, b in enumerate(batches) if i not in held]
     val = [b for i, b in enumerate(batches) if i in held]
+    if n_proc > 1:  # the global batches, each process on its shard (evaluation reads whole batches)
+        train = list(distributed.shard(train, rank, n_proc))
 
     def fixed(bs) -> Batches | None:
         if not bs:

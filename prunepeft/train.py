@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .scheduler import lr_at
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -107,15 +108,21 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss_sum, finite = 0.0, True
         for _ in range(grad_accum):
-            batch = move_batch(next(stream), device)
+            batch = move_batch(next(stream), device)  # every micro-batch is consumed, even after a bad one
+            if not finite:
+                continue
             with _autocast(precision, device):
                 loss = model(**batch).loss / grad_accum
             if not bool(torch.isfinite(loss.detach())):
                 finite = False
-                break
+                continue
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += float(loss.detach())
         ps = params()
+        finite = distributed.all_min(finite)  # several processes skip a step together or not at all
+        if finite:
+            distributed.average_gradients(ps)
+            loss_sum = distributed.average_mean(loss_sum)
         if finite and scaler is not None:
             scaler.unscale_(optimizer)
         if finite and not _grads_finite(ps):

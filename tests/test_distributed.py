@@ -1,0 +1,174 @@
+"""Several processes (gloo on CPU, 2 processes spawned by the test): a data-parallel search decides what
+one process decides with the same global batch, every rank holds bit-identical parameters after every
+round, ranks that disagree fail loudly on every rank, and the Trainer callback keeps the same set."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(n=6, bs=8, seq=12, seed=0, labels=3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 100, (bs, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": torch.randint(0, labels, (bs,), generator=g)})  # fmt: skip
+    return out
+
+
+def _config():
+    from prunepeft import SpaceConfig
+    from prunepeft.api import SearchConfig
+
+    space = SpaceConfig(lora_targets=("q", "k", "v", "o"), serial_adapter_targets=("ffn",), adapter_width=8,
+                        trainable_modules=())  # fmt: skip
+    return SearchConfig(space=space, budget=2000, granularity="block", rounds=3, steps_per_round=3, warmup_steps=3,
+                        final_steps=3, round_eval_examples=None, lr=1e-2, val_examples=8)  # fmt: skip
+
+
+def _search(out_path: str, inject: bool = False) -> None:
+    """One rank's (or the only process's) search; writes what it decided to ``out_path``."""
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_model
+
+    from prunepeft import distributed as dist
+    from prunepeft.api import search
+    from prunepeft.pruner import Pruner
+
+    torch.set_num_threads(1)
+    rank, _ = dist.world()
+    checksums = []
+    orig = Pruner._prune_round
+
+    def recorded(self, optimizer):
+        if inject and rank == 1 and len(self.history) == 1:
+            with torch.no_grad():
+                self.handle.bank.flat.add_(1e-3)  # one rank drifts: the next check must catch it
+        rec = orig(self, optimizer)
+        checksums.append(dist.checksum(self.handle.bank.flat))
+        return rec
+
+    Pruner._prune_round = recorded
+    model, _ = tiny_model("bert")
+    data = _batches()
+    try:
+        res = search(model, data, data[:2], _config(), log=None)
+        out = {"kept": res.kept, "assignment": res.assignment, "losses": [h["loss"] for h in res.history],
+               "final_loss": res.final["loss"], "checksums": checksums, "params": res.params}  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - the test reads what happened
+        out = {"error": type(e).__name__, "message": str(e)}
+    Path(out_path).write_text(json.dumps(out))
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str, inject: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _search(os.path.join(out_dir, f"rank{rank}.json"), inject)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run_ranks(tmp_path: Path, inject: bool = False) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path), inject)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_process_search_equals_one_process(tmp_path):
+    _search(str(tmp_path / "single.json"))
+    single = json.loads((tmp_path / "single.json").read_text())
+    ranks = _run_ranks(tmp_path)
+    for r in ranks:
+        assert "error" not in r, r
+        assert r["kept"] == single["kept"] and r["assignment"] == single["assignment"]
+        assert r["params"] == single["params"] <= 2000
+        torch.testing.assert_close(
+            torch.tensor(r["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5
+        )
+    # both ranks hold bit-identical bank parameters after every round
+    assert ranks[0]["checksums"] == ranks[1]["checksums"] and len(ranks[0]["checksums"]) == 3
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["final_loss"] == ranks[1]["final_loss"]
+
+
+def test_ranks_that_disagree_fail_on_every_rank(tmp_path):
+    ranks = _run_ranks(tmp_path, inject=True)
+    for r in ranks:
+        assert r.get("error") == "RankMismatchError", r
+        assert "ranks disagree on the bank's parameters after round 2" in r["message"]
+
+
+def test_sharded_models_are_refused():
+    from torch import nn
+
+    from prunepeft import distributed as dist
+
+    class FSDPModule(nn.Module):  # what FSDP2's fully_shard mixes into a module's class
+        pass
+
+    m = nn.Sequential(FSDPModule(), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="FSDP is not supported"):
+        dist.reject_sharded(m)
+    lin = nn.Linear(2, 2)
+    lin.weight.ds_id = 3  # DeepSpeed ZeRO-3 marks its partitioned parameters
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+        dist.reject_sharded(lin)
+
+
+def test_batch_that_does_not_split_is_a_clear_error():
+    from prunepeft import distributed as dist
+
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        list(dist.shard(_batches(n=1, bs=5), 0, 2))
+
+
+def test_torchrun_launch(tmp_path, nproc=2):
+    """``torchrun --nproc_per_node N`` on a script that calls search(): the process group comes from the
+    environment, rank 0 alone writes the output directory."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, json, torch\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "from test_distributed import _batches, _config\n"
+        "from conftest import tiny_model\n"
+        "from prunepeft.api import search\n"
+        "torch.set_num_threads(1)\n"
+        "model, _ = tiny_model('bert')\n"
+        "data = _batches()\n"
+        f"res = search(model, data, data[:2], _config(), output_dir={str(tmp_path / 'out')!r}, log=print)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(_free_port()), str(script)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "out" / "result.json").exists()
+    assert res.stdout.count("prunepeft search:") == 1  # rank 0 alone prints
+    assert not list((tmp_path / "out").glob(".prunepeft_write_test*"))
