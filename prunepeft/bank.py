@@ -16,6 +16,7 @@ criteria read are :mod:`prunepeft.statistics` (a mixin of :class:`ModuleBank`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from . import distributed
 from .backends import get_backend
 from .layout import CandRow
 from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
+from .optim_state import check_carriable, swap_param
 from .statistics import BankStatistics
 
 KINDS = ("lora", "parallel_adapter", "serial_adapter")
@@ -472,6 +474,8 @@ class ModuleBank(BankStatistics, nn.Module):
         keep = self.block_mask if keep is None else torch.as_tensor(keep, dtype=torch.bool)
         if keep.shape != (self.num_blocks,):
             raise ValueError(f"keep must have shape ({self.num_blocks},), got {tuple(keep.shape)}")
+        if optimizer is not None:
+            check_carriable(optimizer, self.flat)  # before anything changes
         plan, gather, block_gather = self.backend.compact(*self._plan_inputs(self._widths), keep.cpu())
         old = self.flat
         dev = old.device
@@ -480,7 +484,7 @@ class ModuleBank(BankStatistics, nn.Module):
         if old.grad is not None:
             new.grad = old.grad[g].clone()
         if optimizer is not None:
-            _swap_optimizer_param(optimizer, old, new, g)
+            swap_param(optimizer, old, new, g)
         self._gather_statistics(block_gather, gather)
         self.orig_block = self.orig_block[block_gather.to(self.orig_block.device)].clone()
         if getattr(old, "_prunepeft_grad_average", False):  # several processes: the new tensor averages too
@@ -489,6 +493,53 @@ class ModuleBank(BankStatistics, nn.Module):
         self.block_mask = torch.ones(plan["block"].shape[0], dtype=torch.bool, device=self.block_mask.device)
         self._set_plan(plan)
         return gather
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Besides ``flat`` and the mask buffers: the layout (widths), the statistics of the round in
+        progress and the pruner's state, so a checkpoint taken anywhere (e.g. by a ``Trainer``)
+        resumes the search exactly. Extra keys are tensors (the pruner state as UTF-8 JSON bytes)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "layout_widths"] = torch.tensor(self._widths, dtype=torch.int64)
+        for name in self.STATISTICS:
+            t = getattr(self, name)
+            if t is not None:
+                destination[prefix + name] = t if keep_vars else t.detach()
+        if self.state_provider is not None:
+            data = json.dumps(self.state_provider(), default=_json_default).encode()
+            destination[prefix + "pruner_state"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        """Load a bank saved at another point of the search: first reduce this bank to the saved
+        layout (the same original blocks), then copy parameters, masks and statistics."""
+        widths = state_dict.pop(prefix + "layout_widths", None)
+        orig = state_dict.get(prefix + "orig_block")
+        if widths is not None and orig is not None and widths.tolist() != self._widths:
+            keep = torch.isin(self.orig_block.cpu(), orig.cpu())
+            if int(keep.sum()) != orig.numel():
+                error_msgs.append(f"{prefix}: the checkpoint keeps blocks this supernet does not have")
+                return
+            self.compact(keep)
+            if self._widths != widths.tolist():
+                error_msgs.append(
+                    f"{prefix}: the checkpoint's layout does not match this supernet's candidates"
+                )
+                return
+        for name in self.STATISTICS:
+            t = state_dict.pop(prefix + name, None)
+            if t is not None:
+                host = name in (
+                    "stats",
+                    "gate",
+                    "act_tokens",
+                )  # kept on the host; the others on flat's device
+                setattr(self, name, t.detach().clone().to("cpu" if host else self.flat.device))
+        raw = state_dict.pop(prefix + "pruner_state", None)
+        if raw is not None:
+            self.loaded_state = json.loads(bytes(raw.cpu().numpy().tobytes()).decode())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
 
     def _apply(self, fn, recurse=True):  # keep cached unit scale on the same device/dtype as flat
         out = super()._apply(fn, recurse)
@@ -500,21 +551,9 @@ class ModuleBank(BankStatistics, nn.Module):
         return f"candidates={self.num_candidates}, blocks={self.num_blocks}, params={self.num_params()}"
 
 
-def _swap_optimizer_param(
-    opt: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: torch.Tensor
-) -> None:
-    """Replace ``old`` by ``new`` in ``opt`` and gather its per-element state with ``gather``."""
-    found = False
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
-                found = True
-    if not found:
-        raise ValueError("the optimizer passed to compact() does not hold the bank's flat parameter")
-    state = opt.state.pop(old, None)
-    if state is not None:
-        opt.state[new] = {
-            k: (v[gather].clone() if torch.is_tensor(v) and v.shape == old.shape else v)
-            for k, v in state.items()
-        }
+def _json_default(o):
+    if isinstance(o, float):
+        return None  # nan / inf
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -329,12 +329,16 @@ class Pruner:
             "assignment": None if self.assignment is None else self.assignment.to_dict(),
             "random_calls": getattr(self.strategy, "calls", 0),
             "start_params": self.start_params,
+            "round_losses": list(self._round_losses),
+            "round_step_seconds": list(self._round_step_s),
         }
 
     def load_state_dict(self, d: dict) -> None:
         self.step = d["step"]
         self.history = [RoundRecord(**h) for h in d["history"]]
         self.start_params = d["start_params"]
+        self._round_losses = list(d.get("round_losses", []))
+        self._round_step_s = list(d.get("round_step_seconds", []))
         self.targets = round_targets(self.start_params, self.budget, self.config.rounds, self.config.schedule)
         if d["assignment"] is not None:
             self.assignment = Assignment.from_dict(d["assignment"])

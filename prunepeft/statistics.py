@@ -26,6 +26,9 @@ class BankStatistics:
     """Statistics of a :class:`~prunepeft.bank.ModuleBank` (a mixin: it reads the bank's plan,
     ``flat``, slabs and layout groups)."""
 
+    STATISTICS = ("stats", "gate", "act_sum", "act_tokens", "sens", "unc")
+    """Statistics saved in the bank's state_dict (checkpoints resume inside a round)."""
+
     def _init_statistics(self) -> None:
         self.stats: torch.Tensor | None = None  # float64 [nb + n, 8], accumulated statistics
         self.gate: torch.Tensor | None = None  # float64 [nb + n], accumulated |d loss / d unit gate|
@@ -34,6 +37,8 @@ class BankStatistics:
         self.act_tokens: torch.Tensor | None = None  # float64 [total_units], tokens seen per unit
         self.sens: torch.Tensor | None = None  # AdaLoRA smoothed sensitivity, per element
         self.unc: torch.Tensor | None = None  # AdaLoRA uncertainty, per element
+        self.state_provider = None  # a callable returning a JSON-able dict saved with the bank (the pruner's)
+        self.loaded_state: dict | None = None  # what a loaded state_dict carried from state_provider
 
     # ------------------------------------------------------------------ activations (forward)
     def activation_buffer(self, site: str, tap: str, n_tokens: int) -> torch.Tensor | None:

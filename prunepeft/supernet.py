@@ -16,6 +16,7 @@ from torch import nn
 from .bank import ModuleBank
 from .layout import Block
 from .modules import BottleneckSite
+from .optim_state import check_carriable
 from .space import SearchSpace, SpaceConfig
 
 BANK_ATTR = "prunepeft_bank"
@@ -91,6 +92,8 @@ class Supernet:
         bank = self.bank
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
+        if optimizer is not None:
+            check_carriable(optimizer, bank.flat)  # fail before masking anything
         scores = torch.as_tensor(scores, dtype=torch.float64).cpu()
         mask = bank.block_mask.cpu()
         if granularity == "block":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -118,7 +119,7 @@ def test_4bit_base_search(tmp_path):
 def test_callback_path_equals_loop_path(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from prunepeft.callback import PrunePEFTCallback
+    from prunepeft.callback import TRAINER_OWNS, PrunePEFTCallback
 
     data = _batches(n=5)
     cfg = _cfg(granularity="both", final_steps=0, lr_warmup_ratio=0.0, weight_decay=0.0, precision="fp32")
@@ -131,7 +132,9 @@ def test_callback_path_equals_loop_path(tmp_path):
                 yield from data
 
     model2, _ = tiny_model("bert")
-    cb = PrunePEFTCallback(model2, cfg)
+    # the Trainer owns the learning rate, schedule and steps: the callback takes only the search's fields
+    trainer_fields = {k: getattr(SearchConfig(), k) for k in TRAINER_OWNS}
+    cb = PrunePEFTCallback(model2, dataclasses.replace(cfg, **trainer_fields))
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=cfg.search_steps, learning_rate=cfg.lr,
                              lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                              per_device_train_batch_size=1, report_to=[], save_strategy="no", logging_steps=1000,
