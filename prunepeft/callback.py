@@ -85,6 +85,12 @@ class PrunePEFTCallback(TrainerCallback):
         with a hook instead, and start every rank from rank 0's bank (idempotent)."""
         if distributed.world()[1] == 1:
             return
+        if not self.handle.head_parameters():
+            raise ValueError(
+                "PrunePEFTCallback under DDP needs a trainable module besides the bank (the bank is kept out of "
+                "DDP's reducer, which refuses a model with nothing left to synchronise): keep the task head "
+                "trainable (SpaceConfig.trainable_modules), or run prunepeft.search under torchrun"
+            )
         names = [f"{BANK_ATTR}.{n}" for n, _ in self.handle.bank.named_parameters()]
         names += [f"{BANK_ATTR}.{n}" for n, _ in self.handle.bank.named_buffers()]
         ignored = set(getattr(self.model, "_ddp_params_and_buffers_to_ignore", ()))

@@ -44,7 +44,13 @@ def _config():
                         final_steps=3, round_eval_examples=None, lr=1e-2, val_examples=8)  # fmt: skip
 
 
-def _search(out_path: str, inject: bool = False) -> None:
+def _search(
+    out_path: str,
+    inject: bool = False,
+    output_dir: str | None = None,
+    kill: bool = False,
+    resume: bool = False,
+) -> None:
     """One rank's (or the only process's) search; writes what it decided to ``out_path``."""
     sys.path.insert(0, str(HERE))
     from conftest import tiny_model
@@ -59,6 +65,8 @@ def _search(out_path: str, inject: bool = False) -> None:
     orig = Pruner._prune_round
 
     def recorded(self, optimizer):
+        if kill and len(self.history) == 1:
+            raise KeyboardInterrupt  # every rank dies at the same point, after round 1's state was written
         if inject and rank == 1 and len(self.history) == 1:
             with torch.no_grad():
                 self.handle.bank.flat.add_(1e-3)  # one rank drifts: the next check must catch it
@@ -70,27 +78,27 @@ def _search(out_path: str, inject: bool = False) -> None:
     model, _ = tiny_model("bert")
     data = _batches()
     try:
-        res = search(model, data, data[:2], _config(), log=None)
+        res = search(model, data, data[:2], _config(), log=None, output_dir=output_dir, resume=resume)
         out = {"kept": res.kept, "assignment": res.assignment, "losses": [h["loss"] for h in res.history],
                "final_loss": res.final["loss"], "checksums": checksums, "params": res.params}  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - the test reads what happened
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the test reads what happened
         out = {"error": type(e).__name__, "message": str(e)}
     Path(out_path).write_text(json.dumps(out))
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str, inject: bool) -> None:
+def _rank_main(rank: int, world: int, port: int, out_dir: str, inject: bool, kw: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _search(os.path.join(out_dir, f"rank{rank}.json"), inject)
+        _search(os.path.join(out_dir, f"rank{rank}.json"), inject, **kw)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _run_ranks(tmp_path: Path, inject: bool = False) -> list[dict]:
+def _run_ranks(tmp_path: Path, inject: bool = False, **kw) -> list[dict]:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path), inject)) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path), inject, kw)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -116,6 +124,21 @@ def test_two_process_search_equals_one_process(tmp_path):
     # both ranks hold bit-identical bank parameters after every round
     assert ranks[0]["checksums"] == ranks[1]["checksums"] and len(ranks[0]["checksums"]) == 3
     assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["final_loss"] == ranks[1]["final_loss"]
+
+
+def test_two_process_resume_after_kill(tmp_path):
+    out = str(tmp_path / "search")
+    killed = _run_ranks(tmp_path, output_dir=out, kill=True)
+    assert all(r.get("error") == "KeyboardInterrupt" for r in killed)
+    assert (tmp_path / "search" / "state" / "progress.json").exists()  # rank 0 wrote it
+    resumed = _run_ranks(tmp_path, output_dir=out, resume=True)
+    single = tmp_path / "single.json"
+    _search(str(single))
+    want = json.loads(single.read_text())
+    for r in resumed:
+        assert "error" not in r, r
+        assert r["kept"] == want["kept"] and r["assignment"] == want["assignment"]
+    assert (tmp_path / "search" / "result.json").exists() and not (tmp_path / "search" / "state").exists()
 
 
 def test_ranks_that_disagree_fail_on_every_rank(tmp_path):
@@ -172,3 +195,61 @@ def test_torchrun_launch(tmp_path, nproc=2):
     assert (tmp_path / "out" / "result.json").exists()
     assert res.stdout.count("prunepeft search:") == 1  # rank 0 alone prints
     assert not list((tmp_path / "out").glob(".prunepeft_write_test*"))
+
+
+_TRAINER_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {here!r})
+from conftest import tiny_model
+from test_callback import _batches, _cfg
+from transformers import Trainer, TrainingArguments
+from prunepeft.callback import PrunePEFTCallback
+from prunepeft import distributed as dist
+
+torch.set_num_threads(1)
+nproc = {nproc}
+full = _batches()
+# global batches of 8 rows; with 2 processes accelerate hands batch i to rank i % 2, so the dataset
+# lists each global batch's two halves in turn: step t trains rank 0 on rows 0-3, rank 1 on rows 4-7
+data = full if nproc == 1 else [{{k: v[h * 4:(h + 1) * 4] for k, v in b.items()}} for b in full for h in (0, 1)]
+
+class Sequential(Trainer):
+    def _get_train_sampler(self, *a, **k):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+model, _ = tiny_model("bert")
+cb = PrunePEFTCallback(model, _cfg(space=_cfg().space.__class__(lora_targets=("q", "k", "v", "o"),
+                       serial_adapter_targets=("ffn",), adapter_width=8)))  # the classifier trains too
+args = TrainingArguments(output_dir={out!r}, max_steps=3 + 3 * 3 + 1, learning_rate=1e-2, warmup_steps=0,
+                         per_device_train_batch_size=1, report_to=[], save_strategy="no", logging_steps=1000,
+                         use_cpu=True, seed=0, dataloader_num_workers=0, ddp_backend="gloo",
+                         # transformers scales a loss by the number of processes unless told not to (for token
+                         # counts across devices); off, 2 processes see exactly the 1-process gradients
+                         average_tokens_across_devices=False)
+Sequential(model=model, args=args, train_dataset=data, data_collator=lambda xs: xs[0], callbacks=[cb]).train()
+rank = dist.world()[0]
+json.dump({{"kept": cb.kept(), "assignment": cb.pruner.assignment.to_dict(),
+           "pruned": [h.pruned for h in cb.history], "checksum": dist.checksum(cb.handle.bank.flat)}},
+          open({out!r} + f"/rank{{rank}}.json", "w"))
+"""
+
+
+def test_trainer_callback_under_two_processes_keeps_the_same_set(tmp_path):
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        script = tmp_path / f"trainer{nproc}.py"
+        script.write_text(_TRAINER_SCRIPT.format(here=str(HERE), nproc=nproc, out=str(out)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(_free_port()), str(script)]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             timeout=300)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[nproc] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    one, (r0, r1) = results[1][0], results[2]
+    assert r0["checksum"] == r1["checksum"]  # replicas stayed identical through every compaction
+    for r in (r0, r1):
+        assert (
+            r["kept"] == one["kept"] and r["pruned"] == one["pruned"] and r["assignment"] == one["assignment"]
+        )
