@@ -1,5 +1,5 @@
 // Packed module bank: layout planning, compaction, fused block statistics and
-// budget-constrained selection (DESIGN.md section 3).
+// budget-constrained selection (ARCHITECTURE.md §3).
 //
 // Pure C++17: no pybind11, no libtorch. Inputs are read-only (pointer, size)
 // views; outputs are std::vector. Every invalid input raises

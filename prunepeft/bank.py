@@ -1,4 +1,4 @@
-"""The packed module bank: every candidate's parameters in one flat tensor (DESIGN §3).
+"""The packed module bank: every candidate's parameters in one flat tensor (ARCHITECTURE.md §3).
 
 Layout (planned by the backend, ``prunepeft._C`` or its pure-torch reference): candidates that share
 an input form a group; a group stores the ``D`` ([width, in]) of all its candidates stacked, then

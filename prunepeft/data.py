@@ -1,4 +1,4 @@
-"""Task data for the search and for training: read a task, batch it for a transformers model (DESIGN §5).
+"""Task data for the search and for training: read a task, batch it for a transformers model (ARCHITECTURE.md §5).
 
 :func:`load_task` reads a train (and optionally an eval) set into a :class:`Task`, a list of
 :class:`Example` per split plus what the search needs to know about the task (kind, labels, metrics).

@@ -1,4 +1,4 @@
-"""Several processes: what a search synchronises, through ``torch.distributed`` (DESIGN-level summary in
+"""Several processes: what a search synchronises, through ``torch.distributed`` (a summary in
 ARCHITECTURE.md §5b). Every function is a no-op in a single process.
 
 Data-parallel semantics of :func:`prunepeft.search` under ``torchrun`` / ``accelerate launch``:

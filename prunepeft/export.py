@@ -1,4 +1,4 @@
-"""What a search keeps, written to disk: a ``peft`` LoRA adapter, or prunepeft's own format (DESIGN §6).
+"""What a search keeps, written to disk: a ``peft`` LoRA adapter, or prunepeft's own format (ARCHITECTURE.md §6).
 
 - :func:`export_peft` writes the kept LoRA candidates as a ``peft`` adapter directory
   (``adapter_config.json`` + ``adapter_model.safetensors``) that

@@ -1,4 +1,4 @@
-"""Names of the columns of the bank's tables (DESIGN §3), defined once for every layer.
+"""Names of the columns of the bank's tables (ARCHITECTURE.md §3), defined once for every layer.
 
 The backends (C++ ``prunepeft._C``, the pure-torch reference, Triton) exchange plain int64 tables;
 these names say what each column holds. Rows of ``plan["cand"]`` read as :class:`CandRow`.

@@ -1,4 +1,4 @@
-"""``BottleneckSite``: a linear layer plus every candidate PEFT module attached to it (DESIGN §2).
+"""``BottleneckSite``: a linear layer plus every candidate PEFT module attached to it (ARCHITECTURE.md §2).
 
 A site wraps one ``nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or GPT-2 ``Conv1D`` (anything that maps
 ``[..., in] -> [..., out]``) and evaluates the candidates stored for it in a :class:`ModuleBank`:

@@ -1,6 +1,6 @@
 """The bottleneck op: ``out = (act(x @ D.T + bd) * unit_scale) @ Ut + bu``, pure torch.
 
-Every candidate kind is this op (DESIGN §2): LoRA is the identity activation with
+Every candidate kind is this op (ARCHITECTURE.md §2): LoRA is the identity activation with
 ``unit_scale = alpha / r`` and no biases; adapters use relu/gelu/silu with biases. The unit scale
 also carries the block mask (0 for a masked unit), so masking costs one multiply.
 

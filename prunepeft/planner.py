@@ -1,4 +1,4 @@
-"""``prunepeft plan``: will a search fit on a GPU, before any weights are loaded? (DESIGN §5b)
+"""``prunepeft plan``: will a search fit on a GPU, before any weights are loaded? (ARCHITECTURE.md §5b)
 
 The model is built from its ``config.json`` on the meta device (shapes, no storage) and the
 supernet is attached there with :func:`prunepeft.supernet.attach`, so the candidates and their

@@ -1,4 +1,4 @@
-"""The search space: which candidate PEFT modules go where, for each supported architecture (DESIGN §5).
+"""The search space: which candidate PEFT modules go where, for each supported architecture (ARCHITECTURE.md §5).
 
 An explicit registry maps ``config.model_type`` to where the transformer layers are and, inside a
 layer, where each linear sits under a canonical *role*:

@@ -1,4 +1,4 @@
-"""The bank's statistics: everything the criteria read, accumulated during training (DESIGN §1).
+"""The bank's statistics: everything the criteria read, accumulated during training (ARCHITECTURE.md §1).
 
 :class:`BankStatistics` is the part of :class:`~prunepeft.bank.ModuleBank` that owns them:
 

@@ -3,7 +3,7 @@
 :func:`prepare_data` turns what the user passed (a path, a :class:`~prunepeft.data.Task`, or a list
 of ready batches) into a :class:`PreparedData`: endless, resumable streams of training batches
 (main and low-fidelity warm-up), and the validation and eval sets as batch factories. The
-validation split is carved out of the training data (DESIGN: the eval set is read once, for the
+validation split is carved out of the training data (ARCHITECTURE.md §5b: the eval set is read once, for the
 final metric; every decision reads the validation split).
 """
 

@@ -1,4 +1,4 @@
-"""Data hygiene and reproducibility (DESIGN §5b): the eval set is read once, an evaluation leaves
+"""Data hygiene and reproducibility (ARCHITECTURE.md §5b): the eval set is read once, an evaluation leaves
 every statistic untouched, decisions read a validation split carved from the training data, and the
 same command with the same seed writes the same result."""
 

@@ -1,4 +1,4 @@
-"""BottleneckSite forward/backward against the dense formulas of DESIGN §2, written out here."""
+"""BottleneckSite forward/backward against the dense formulas of ARCHITECTURE.md §2, written out here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the packed module bank ops (DESIGN.md section 3).
+"""Pure-torch reference of the packed module bank ops (ARCHITECTURE.md §3).
 
 This module is both the CPU fallback and the test oracle of the native core
 (``prunepeft._C``, wrapped by :mod:`prunepeft.backends.native`): every function
