@@ -46,6 +46,40 @@ def unit_regions(bank: ModuleBank, space: SearchSpace, granularity: str) -> list
     return [cand_region[c] for c in cand_of]
 
 
+BALANCES = ("none", "layer", "region")
+
+
+def unit_groups(bank: ModuleBank, space: SearchSpace, granularity: str, how: str) -> list:
+    """The balancing group of every unit: its layer (``layer``) or its region (``region``)."""
+    if how == "layer":
+        cand = [s.layer for s in bank.specs]
+    elif how == "region":
+        cand = [region_key(*space.region(s)) for s in bank.specs]
+    else:
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {how!r}")
+    if granularity == "module":
+        return cand
+    return [cand[c] for c in bank.plan["block"][:, Block.CAND].tolist()]
+
+
+def balance_scores(scores: torch.Tensor, groups: Sequence, eligible: torch.Tensor) -> torch.Tensor:
+    """Scores replaced by their rank within the unit's group, in [0, 1] (ties share the average rank).
+
+    Pruning the lowest then takes about the same share of every group: the strategy decides which
+    units of a layer (or region) go, not how much each layer keeps. Early in training, the criteria
+    that read gradients or outputs grow toward the loss (the top layers learn first), so values are
+    not comparable across depths; ranks within a layer are.
+    """
+    out = scores.clone().double()
+    by_group: dict = {}
+    for i in eligible.nonzero().flatten().tolist():
+        by_group.setdefault(groups[i], []).append(i)
+    for idx in by_group.values():
+        t = torch.tensor(idx)
+        out[t] = _ranks(scores[t].double())
+    return out
+
+
 def unit_values(
     values: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, granularity: str
 ) -> torch.Tensor:

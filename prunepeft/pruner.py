@@ -18,7 +18,16 @@ import torch
 
 from . import distributed
 from .criteria import CRITERIA, criterion_values
-from .hybrid import NORMALISATIONS, Assignment, assign_criteria, make_strategy, unit_regions
+from .hybrid import (
+    BALANCES,
+    NORMALISATIONS,
+    Assignment,
+    assign_criteria,
+    balance_scores,
+    make_strategy,
+    unit_groups,
+    unit_regions,
+)
 from .layout import Block
 from .scheduler import round_targets
 from .supernet import Supernet
@@ -46,6 +55,9 @@ class PruneConfig:
         threshold: ``t`` of the threshold criterion (``mean(|w| < t)``).
         stats_ema: None sums the statistics over a round's steps; a float in (0, 1) is an EMA factor.
         adalora_betas: AdaLoRA's (beta1, beta2) for smoothed sensitivity and uncertainty.
+        balance: ``none``: units compete across the whole supernet; ``layer`` / ``region``: every
+            strategy's scores become ranks within the unit's layer (or kind x depth region), so each
+            layer keeps about the same share and the strategy chooses which of its units survive.
         normalise: how the hybrid strategy's Eq. 1 normalises each criterion before combining
             regions: ``minmax`` (Theta = min-max of the values) or ``rank`` (Theta = the rank).
         hybrid_criteria: the criteria the hybrid strategy may assign (None: all of them).
@@ -61,6 +73,7 @@ class PruneConfig:
     threshold: float = 1e-3
     stats_ema: float | None = None
     adalora_betas: tuple[float, float] = (0.85, 0.85)
+    balance: str = "none"
     normalise: str = "minmax"
     hybrid_criteria: tuple[str, ...] | None = PAPER_CRITERIA
     seed: int = 0
@@ -81,6 +94,8 @@ class PruneConfig:
         if not self.threshold > 0:
             raise ValueError(f"threshold must be > 0, got {self.threshold}")
         self.adalora_betas = tuple(self.adalora_betas)
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
         if self.normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got {self.normalise!r}")
         if self.hybrid_criteria is not None:
@@ -272,6 +287,8 @@ class Pruner:
         regions = unit_regions(bank, handle.space, g)
         eligible = self._eligible(g)
         scores = self.strategy.scores(values, regions, eligible, g)
+        if self.config.balance != "none":
+            scores = balance_scores(scores, unit_groups(bank, handle.space, g, self.config.balance), eligible)
         names = self._unit_names(g)
         pruned_ids = []
         if handle.num_trainable() > target:
