@@ -205,3 +205,14 @@ def test_strategies_keep_different_sets_when_criteria_disagree():
     # unit 2), parallel_adapter@1 by the fallback (taylor): it prunes {0, 2}, a set no single criterion prunes
     assert a.regions == {"lora@0": ["gradient", "taylor"], "serial_adapter@3": ["activation"]}
     assert sets["hybrid"] == {1, 3, 4}
+
+
+def test_balance_ranks_within_each_group():
+    from prunepeft.hybrid import balance_scores
+
+    s = torch.tensor([5.0, 1.0, 3.0, 10.0, 20.0, 30.0, 7.0])
+    groups = [0, 0, 0, 1, 1, 1, 1]
+    eligible = torch.tensor([True, True, True, True, True, True, False])
+    out = balance_scores(s, groups, eligible)
+    # layer 0's best unit and layer 1's best unit both rank 1: pruning the lowest takes from each layer
+    torch.testing.assert_close(out, torch.tensor([1.0, 0.0, 0.5, 0.0, 0.5, 1.0, 7.0], dtype=torch.float64))
