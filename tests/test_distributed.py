@@ -253,3 +253,29 @@ def test_trainer_callback_under_two_processes_keeps_the_same_set(tmp_path):
         assert (
             r["kept"] == one["kept"] and r["pruned"] == one["pruned"] and r["assignment"] == one["assignment"]
         )
+
+
+def test_cli_search_under_torchrun(tmp_path, glue_dir):
+    """``torchrun -m prunepeft search``: two ranks, one output directory written by rank 0."""
+    import transformers as T
+    from conftest import minilm_path
+
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    T.BertForSequenceClassification(T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 max_position_embeddings=64)).save_pretrained(model_dir)  # fmt: skip
+    T.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "prunepeft", "search", "--model", str(model_dir), "--train", str(glue_dir / "RTE" / "train.tsv"),
+           "--eval", str(glue_dir / "RTE" / "dev.tsv"), "--out", str(out), "--max-examples", "64",
+           "--max-length", "32", "--batch-size", "8", "--rounds", "2", "--steps-per-round", "2",
+           "--warmup-steps", "2", "--final-steps", "2", "--budget", "3000", "--quiet"]  # fmt: skip
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["params"] <= 3000 and (out / "cli_args.json").exists()
+    assert res.stdout.count("found configuration:") == 1  # rank 0 alone prints the summary
