@@ -8,6 +8,15 @@ from .pruner import PruneConfig
 from .space import SpaceConfig
 
 FINAL_INITS = ("reinit", "continue")
+
+
+def default_search_space() -> SpaceConfig:
+    """The search's default candidates: LoRA r=8 on every linear of every layer and serial adapters of
+    width 8 after attention and after the FFN, in blocks of 4 units (see README, "defaults")."""
+    return SpaceConfig(lora_targets=("all",), lora_rank=8, serial_adapter_targets=("attn", "ffn"), adapter_width=8,
+                       block_size=4)  # fmt: skip
+
+
 TASK_KINDS = ("classification", "regression", "causal_lm")
 
 
@@ -16,7 +25,7 @@ class SearchConfig(PruneConfig):
     """Everything a search needs besides the model and the data (see :class:`PruneConfig` for pruning).
 
     Attributes:
-        space: the supernet's candidates (:class:`SpaceConfig`).
+        space: the supernet's candidates (:class:`SpaceConfig`); default :func:`default_search_space`.
         budget: trainable parameters to end with: an int, a percentage of the base model's
             parameters (``"0.5%"``), a fraction of them (a float below 1, ``0.005``), or None for
             the size of peft LoRA r=8 on q,v.
@@ -36,12 +45,12 @@ class SearchConfig(PruneConfig):
             in (0, 1), or None for the default (10 %, at most 1,000); 0 for none. Every in-search
             evaluation reads it; the eval set is read once, for the final metric.
         round_eval_examples: validation examples evaluated after each round (None: all of them;
-            0: no in-search evaluation).
+            0: no in-search evaluation); a report, never a decision.
         max_bad_steps: consecutive non-finite steps tolerated before the search stops.
         task_kind: for pre-batched data: classification, regression or causal_lm.
     """
 
-    space: SpaceConfig = field(default_factory=SpaceConfig)
+    space: SpaceConfig = field(default_factory=default_search_space)
     budget: int | float | str | None = None
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -57,7 +66,7 @@ class SearchConfig(PruneConfig):
     final_init: str = "reinit"
     final_lr: float | None = None
     val_examples: int | float | None = None
-    round_eval_examples: int | None = 128
+    round_eval_examples: int | None = 64
     max_bad_steps: int = 10
     task_kind: str | None = None
 

@@ -65,15 +65,15 @@ class PruneConfig:
     """
 
     strategy: str = "hybrid"
-    granularity: str = "module"
+    granularity: str = "block"
     rounds: int = 4
-    steps_per_round: int = 8
-    warmup_steps: int = 16
+    steps_per_round: int = 5
+    warmup_steps: int = 8
     schedule: str = "linear"
     threshold: float = 1e-3
     stats_ema: float | None = None
     adalora_betas: tuple[float, float] = (0.85, 0.85)
-    balance: str = "none"
+    balance: str = "layer"
     normalise: str = "minmax"
     hybrid_criteria: tuple[str, ...] | None = PAPER_CRITERIA
     seed: int = 0
