@@ -91,10 +91,10 @@ COLUMNS = ("variant", "task", "budget_name", "budget", "method", "seed", "lr", "
 class QualityConfig:
     """Sizes of the protocol (see the module doc for why)."""
 
-    tasks: tuple[str, ...] = ("SST-2", "STS-B", "QNLI", "AGNews", "BBC", "RTE")
+    tasks: tuple[str, ...] = ("SST-2", "AGNews", "STS-B", "BBC", "QNLI", "RTE")
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[str, ...] = ("r8", "r2")
-    r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn", "adalora")
+    r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn")
     seeds: tuple[int, ...] = (0, 1, 2)
     lrs: tuple[float, ...] = (1e-3, 3e-3)
     full_ft_lrs: tuple[float, ...] = (3e-5, 1e-4)
@@ -285,22 +285,34 @@ def selected_lr(rows: list[dict], cfg: QualityConfig, task: str, method: str) ->
     return max(got, key=lambda lr: (got[lr], -float(lr)))  # ties: the smaller learning rate
 
 
+#: the order runs are made in (an interrupted protocol has the headline comparison first): the method's
+#: group, then its learning-rate grid before its other seeds, then the smaller budget last
+PRIORITY = (("hybrid", "lora_qv"), ("random", "lora_qkvo", "lora_all", "serial_ffn"),
+            ("taylor", "gradient", "activation", "weight"), ("adalora", "full_ft", "lora_qv_same_total"))  # fmt: skip
+
+
+def _priority(method: str) -> int:
+    return next((i for i, group in enumerate(PRIORITY) if method in group), len(PRIORITY))
+
+
 def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
-    """Runs still missing, in priority order: learning-rate grids first, then seeds, then r2."""
+    """Runs still missing, in priority order (:data:`PRIORITY`; per method: the learning-rate grid at
+    seed 0 on every task, then the other seeds; the r2 budget after everything at r8)."""
     done = {_key(r) for r in rows}
-    out: list[tuple[int, dict]] = []
+    out: list[tuple[tuple, dict]] = []
 
     def add(prio, task, budget, method, seed, lr):
         job = {"task": task, "budget": budget, "method": method, "seed": seed, "lr": float(lr)}
         if (cfg.variant, task, budget, method, seed, f"{float(lr):g}") not in done:
             out.append((prio, job))
 
-    for task in cfg.tasks:
+    for t_index, task in enumerate(cfg.tasks):
         for method in cfg.methods:
+            p = _priority(method)
             sel_budget = "full" if method == "full_ft" else SELECT_BUDGET
             grid = cfg.full_ft_lrs if method == "full_ft" else cfg.lrs
             for lr in grid:
-                add(0, task, sel_budget, method, cfg.seeds[0], lr)
+                add((0, p, 0, t_index), task, sel_budget, method, cfg.seeds[0], lr)
             lr = selected_lr(rows, cfg, task, method)
             if lr is None:
                 continue
@@ -313,7 +325,7 @@ def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
                 if method == "lora_all" and b == "r2":
                     continue  # rank 1 on every linear is already above the r2 budget
                 for seed in cfg.seeds:
-                    add(1 if b != "r2" else 2, task, b, method, seed, lr)
+                    add((1 if b == "r2" else 0, p, 1, t_index), task, b, method, seed, lr)
     out.sort(key=lambda t: t[0])
     return [j for _, j in out]
 
