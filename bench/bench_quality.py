@@ -77,6 +77,7 @@ DEFAULT_METHODS = (
     "activation",
     "weight",
     *UNIFORM,
+    *CONTROLS,
     "adalora",
     "full_ft",
 )
