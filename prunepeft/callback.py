@@ -77,7 +77,23 @@ class PrunePEFTCallback(TrainerCallback):
         self.budget = budget
         self.skipped_steps = 0
         self.handle.bank.state_provider = self.pruner.state_dict
+        self._allow_quantized_base(model)
         self._setup_processes()
+
+    @staticmethod
+    def _allow_quantized_base(model) -> None:
+        """Let the Trainer train a 4-bit base that carries the supernet.
+
+        transformers' Trainer refuses a quantized model unless it is a ``peft`` model
+        (``validate_quantization_for_training``: "cannot perform fine-tuning on purely quantized
+        models"); the bank is this model's trainable adapter, so the model's ``is_quantized`` flag,
+        which only that check and the ``.half()`` / ``.float()`` guards read (the quantizer,
+        ``save_pretrained`` and device placement read ``hf_quantizer`` / ``is_loaded_in_4bit``), is
+        cleared; ``prunepeft_quantized_base`` records that it was set.
+        """
+        if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is not None:
+            model.is_quantized = False
+            model.prunepeft_quantized_base = True
 
     # ------------------------------------------------------------------ several processes
     def _setup_processes(self) -> None:

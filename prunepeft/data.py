@@ -939,22 +939,47 @@ def _encode_classification(
     return batch
 
 
-def _encode_causal(chunk: list[Example], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` has a chat template (``tokenizer.chat_template`` set and not empty)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user turn of ``tokenizer``'s chat template, followed by the generation prompt
+    (the text a chat model answers), e.g. ``<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n``
+    (templates may add a default system turn). What :func:`batches` trains on with ``chat_template``;
+    for generation, tokenize it with ``add_special_tokens=False`` (the template holds them)."""
+    if not has_chat_template(tokenizer):
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template is not set)")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    if not isinstance(text, str):
+        raise ValueError(
+            f"the tokenizer's apply_chat_template(tokenize=False) gave {type(text).__name__}, not text"
+        )
+    return text
+
+
+def _encode_causal(
+    chunk: list[Example], tokenizer: Any, max_length: int, chat: bool = False
+) -> dict[str, torch.Tensor]:
     if any(ex.prompt is None or ex.response is None for ex in chunk):
         raise ValueError(
             "kind='causal_lm' needs examples with prompt and response (load the task as causal_lm)"
         )
+    prompts = [chat_prompt(tokenizer, ex.prompt) if chat else ex.prompt for ex in chunk]  # type: ignore[arg-type]
     enc = tokenizer(
-        [ex.prompt + ex.response for ex in chunk],  # type: ignore[operator]
-        add_special_tokens=True,
+        [p + ex.response for p, ex in zip(prompts, chunk, strict=True)],  # type: ignore[operator]
+        add_special_tokens=not chat,  # a chat template writes its own special tokens
         return_offsets_mapping=True,
         truncation=False,
         padding=False,
     )
     eos = getattr(tokenizer, "eos_token_id", None)
     ids_out, labels_out = [], []
-    for ex, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"], strict=True):
-        cut = len(ex.prompt)  # type: ignore[arg-type]
+    for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        cut = len(prompt)
         ids = list(ids)
         # A token is a target iff it covers text and starts in the response; special tokens the
         # tokenizer adds (empty spans) and tokens straddling the prompt/response boundary are masked.
@@ -983,6 +1008,7 @@ def batches(
     seed: int = 0,
     drop_last: bool = False,
     kind: str = "classification",
+    chat_template: bool | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One pass (epoch) over ``examples`` as padded batches for ``model(**batch)``; the caller loops epochs.
 
@@ -1002,6 +1028,13 @@ def batches(
     right and padded on the right. Rows whose response starts beyond ``max_length`` have no target
     token, and a batch of only such rows gives a NaN loss: choose ``max_length`` to fit the prompts.
 
+    With a chat template (``chat_template``; by default whenever the tokenizer has one, e.g. an
+    instruct model's), a causal-LM prompt is rendered as one user turn followed by the generation
+    prompt (:func:`chat_prompt`) and the response follows as the assistant's answer, then eos (chat
+    models' end-of-turn token, e.g. ``<|im_end|>``); the text is tokenized without adding special
+    tokens (the template writes them) and the loss stays on the response and eos. Tokenizers without
+    a template (base models) see the plain ``prompt + response``.
+
     Padding uses ``tokenizer.pad_token_id``, or the eos id when there is no pad token; the tokenizer is
     never modified. (A model with no pad token, e.g. GPT-2 for sequence classification, still needs its
     ``config.pad_token_id`` set by the caller.)
@@ -1016,6 +1049,8 @@ def batches(
         seed: the shuffle seed; pass e.g. ``seed + epoch`` for a new order each epoch.
         drop_last: skip a last batch smaller than ``batch_size``.
         kind: ``"classification"``, ``"regression"`` or ``"causal_lm"`` (usually ``task.kind``).
+        chat_template: causal_lm only: render prompts with the tokenizer's chat template. ``None``:
+            when the tokenizer has one; ``True``: always (an error without one); ``False``: never.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -1027,13 +1062,18 @@ def batches(
         raise ValueError(
             "causal_lm batching needs a fast tokenizer (it uses offset mappings to mask the prompt)"
         )
+    if chat_template is True and not has_chat_template(tokenizer):
+        raise ValueError(
+            "chat_template=True but the tokenizer has no chat template (tokenizer.chat_template)"
+        )
+    chat = kind == "causal_lm" and (has_chat_template(tokenizer) if chat_template is None else chat_template)
     _pad_id(tokenizer)  # fail now, not at the first batch
     examples = list(examples)
     if shuffle:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     else:
         order = list(range(len(examples)))
-    return _iter_batches(examples, order, tokenizer, batch_size, max_length, drop_last, kind)
+    return _iter_batches(examples, order, tokenizer, batch_size, max_length, drop_last, kind, chat)
 
 
 def _iter_batches(
@@ -1044,6 +1084,7 @@ def _iter_batches(
     max_length: int,
     drop_last: bool,
     kind: str,
+    chat: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -1051,6 +1092,6 @@ def _iter_batches(
             return
         chunk = [examples[i] for i in idx]
         if kind == "causal_lm":
-            yield _encode_causal(chunk, tokenizer, max_length)
+            yield _encode_causal(chunk, tokenizer, max_length, chat)
         else:
             yield _encode_classification(chunk, tokenizer, max_length, kind)

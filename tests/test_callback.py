@@ -119,3 +119,26 @@ def test_non_finite_steps_never_reach_the_statistics():
     bank.flat.grad[0] = 0.0
     cb.on_pre_optimizer_step(None, None, None)
     assert bank.stats is not None and cb.skipped_steps == 1
+
+
+def test_4bit_base_trains_in_the_trainer(tmp_path):
+    """transformers' Trainer refuses a quantized model without a peft adapter; with the supernet attached
+    it trains, prunes and saves a checkpoint like a dense one."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import AutoModelForSequenceClassification
+
+    from prunepeft.models import quantization_config
+
+    dense, _ = tiny_model("llama", hidden=64)  # bitsandbytes' CPU 4-bit path wants in_features >= 64
+    dense.save_pretrained(tmp_path / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "base", quantization_config=quantization_config()
+    )
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    space = SpaceConfig(lora_targets=("q", "k", "v", "o"), serial_adapter_targets=("ffn",), adapter_width=8)
+    cb = PrunePEFTCallback(model, _cfg(space=space))
+    trainer = _trainer(model, cb, tmp_path / "t", 14, save_steps=14)
+    trainer.train()
+    assert cb.handle.num_trainable() <= 2000 and len(cb.history) == 3
+    assert (tmp_path / "t" / "checkpoint-14").is_dir() and model.prunepeft_quantized_base

