@@ -44,6 +44,16 @@ def _markdown(result) -> str:
         lines.append(
             "- final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final["metrics"].items())
         )
+    costs = getattr(result, "costs", None) or {}
+    if costs:
+        total = sum(costs.values())
+        lines += ["", "## Cost", "", "| part | seconds | share |", "|---|---:|---:|"]
+        what = {"warmup": "warm-up steps", "rounds": "round steps", "scoring": "scoring, selection, compaction",
+                "evaluation": "validation checks", "state": "checkpoints", "final": "final training"}  # fmt: skip
+        for k, v in costs.items():
+            lines.append(
+                f"| {what.get(k, k)} | {v:.1f} | {100 * v / total:.0f}% |" if total else f"| {k} | {v} | |"
+            )
     lines += ["", "## Kept modules", "", "| layer | role | kind | width | of |", "|---|---|---|---|---|"]
     lines += [
         f"| {k['layer']} | {k['role']} | {k['kind']} | {k['width']} | {k['max_width']} |" for k in result.kept

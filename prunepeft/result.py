@@ -27,6 +27,9 @@ class SearchResult:
         warmup: warm-up steps and subset. final: the final training (steps, seconds, loss) and the
             metrics on the validation split (``val_metrics``) and on the eval set (``metrics``).
         search_seconds: wall time of warm-up + rounds (+ their validation evaluations).
+        costs: seconds by part: ``warmup`` and ``rounds`` (training steps of the supernet),
+            ``scoring`` (criteria, assignment, selection, compaction), ``evaluation`` (the rounds'
+            validation checks), ``state`` (checkpoints), ``final`` (the final training).
         config: the :class:`~prunepeft.config.SearchConfig` as a dict. task: what the data was.
         handle: the attached supernet (in memory only).
     """
@@ -44,6 +47,7 @@ class SearchResult:
     search_seconds: float
     config: dict
     task: dict
+    costs: dict = field(default_factory=dict)
     handle: Supernet | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -89,7 +93,7 @@ class SearchResult:
         if not p.exists():
             raise FileNotFoundError(f"no search result at {p}")
         d = read_json(p)
-        missing = {f.name for f in fields(cls) if f.name != "handle"} - set(d)
+        missing = {f.name for f in fields(cls) if f.name not in ("handle", "costs")} - set(d)
         if missing:
             raise ValueError(f"{p} is not a complete search result (missing {sorted(missing)})")
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})

@@ -173,7 +173,7 @@ class _Run:
         t_phase = time.perf_counter()
         while not pruner.done:
             was_warm = pruner.step < cfg.warmup_steps
-            loss, rec = self._step(warm if was_warm else main, phase)
+            loss, rec = self._step(warm if was_warm else main, phase, "warmup" if was_warm else "rounds")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skip",
@@ -182,7 +182,9 @@ class _Run:
             if was_warm and pruner.step == cfg.warmup_steps:
                 self._say_warmup(phase)
             elif rec is not None:
+                t0 = time.perf_counter()
                 rec.eval = evaluate(self.model, data, "val", cfg.round_eval_examples)
+                self._cost("evaluation", time.perf_counter() - t0)
                 self._say_round(rec)
             else:
                 continue
@@ -190,13 +192,15 @@ class _Run:
             p.step, p.skipped, p.bad_in_row = phase.step, phase.skipped, phase.bad_in_row
             p.losses, p.seconds = list(phase.losses), phase.seconds
             p.warm_consumed, p.main_consumed = warm.consumed, main.consumed
+            t0 = time.perf_counter()
             self._save()
+            self._cost("state", time.perf_counter() - t0)
             t_phase = time.perf_counter()
         if bar is not None:
             bar.close()
         self.main = main
 
-    def _step(self, stream, phase: TrainState):
+    def _step(self, stream, phase: TrainState, part: str):
         """One optimizer step of the supernet; the pruner sees its gradients and its end."""
         cfg = self.cfg
         n_before = len(phase.losses)
@@ -207,8 +211,16 @@ class _Run:
                         on_grads=self.pruner.on_grads, **loop_options(cfg))  # fmt: skip
         except NonFiniteError as e:
             raise SearchError(f"search stopped: {e}") from e
+        t1 = time.perf_counter()
+        self._cost(part, t1 - t0)  # training steps (the fused statistics pass included)
         loss = phase.losses[-1] if len(phase.losses) > n_before else None
-        return loss, self.pruner.after_step(self.opt, loss, time.perf_counter() - t0)
+        rec = self.pruner.after_step(self.opt, loss, t1 - t0)
+        self._cost("scoring", time.perf_counter() - t1)  # criteria, assignment, selection, compaction
+        return loss, rec
+
+    def _cost(self, part: str, seconds: float) -> None:
+        c = self.progress.costs
+        c[part] = c.get(part, 0.0) + seconds
 
     def _say_warmup(self, phase: TrainState) -> None:
         n = self.cfg.warmup_steps
@@ -267,6 +279,10 @@ class _Run:
             warmup={"steps": self.cfg.warmup_steps, "subset": self.cfg.warmup_subset},
             final=final,
             search_seconds=self.progress.search_seconds,
+            costs={
+                **{k: round(v, 4) for k, v in self.progress.costs.items()},
+                "final": round(final.get("seconds", 0.0), 4),
+            },  # fmt: skip
             config=self.cfg.to_dict(),
             task={**data.info, "primary_metric": data.primary, "higher_is_better": data.higher_is_better},
             handle=h,

@@ -37,6 +37,7 @@ class Progress:
     main_consumed: int = 0
     search_seconds: float = 0.0
     supernet_params: int = 0
+    costs: dict = field(default_factory=dict)  # seconds by part: warmup, rounds, scoring, evaluation, state
 
 
 def has_state(out: Path) -> bool:

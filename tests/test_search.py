@@ -292,3 +292,19 @@ def test_every_criterion_is_computed_together():
     for name, (vb, vc) in vals.items():
         assert vb.shape == (h.bank.num_blocks,) and vc.shape == (h.bank.num_candidates,)
         assert bool(torch.isfinite(vb).all()), name
+
+
+def test_result_reports_the_cost_of_every_part(tmp_path):
+    model, _ = tiny_model("bert")
+    data = _batches()
+    res = search(model, data, data[:2], _cfg(granularity="block", val_examples=8, round_eval_examples=8),
+                 output_dir=tmp_path / "run", log=None)  # fmt: skip
+    assert {"warmup", "rounds", "scoring", "evaluation", "state", "final"} <= set(res.costs)
+    assert all(v >= 0 for v in res.costs.values()) and res.costs["final"] == pytest.approx(
+        res.final["seconds"], abs=1e-3
+    )
+    # the search's wall time is its parts (plus loop overhead)
+    parts = sum(v for k, v in res.costs.items() if k != "final")
+    assert parts <= res.search_seconds * 1.05 + 0.05
+    assert "## Cost" in (tmp_path / "run" / "report.md").read_text()
+    assert SearchResult.load(tmp_path / "run").costs == res.costs
