@@ -8,7 +8,10 @@ site computes all its down-projections with one GEMM and all its up-projections 
 
 The sites read their slabs as views of ``flat`` at forward time, so one optimizer over ``flat``
 trains everything, and compaction (dropping pruned blocks) is one gather applied alike to the
-parameters, their gradients, the optimizer state and the accumulated statistics.
+parameters, their gradients, the optimizer state and the accumulated statistics. With grad enabled
+the views come from :class:`~prunepeft.ops.FlatGrad` (:meth:`ModuleBank._views`): their gradients
+are written into one full-size buffer per backward pass, which becomes ``flat.grad`` (no full-size
+zero tensor per view).
 
 This module is the layout (plan, slabs, layout groups, masks, compaction); the statistics the
 criteria read are :mod:`prunepeft.statistics` (a mixin of :class:`ModuleBank`).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +30,7 @@ from torch import nn
 from . import distributed
 from .backends import get_backend
 from .layout import CandRow
-from .ops import ACTIVATIONS, GroupLayout, GroupSite, Piece
+from .ops import ACTIVATIONS, FlatGrad, GroupLayout, GroupSite, Piece, Span
 from .optim_state import check_carriable, swap_param
 from .statistics import BankStatistics
 
@@ -97,6 +101,33 @@ class _Slab:
     out_dim: int
     unit_off: int
     pieces: list[tuple[int, int, str, int, int]]  # lo, hi, activation, bd_off, bu_off (-1: none)
+    spans: tuple[Span, ...] = ()  # the views slab() takes: D, Ut, then each piece's bd / bu
+    piece_views: tuple[tuple[int, int], ...] = ()  # per piece: index of its bd / bu in spans (-1: none)
+
+    def make_spans(self) -> None:
+        spans: list[Span] = [
+            (self.d_off, self.width * self.in_dim, (self.width, self.in_dim)),
+            (self.u_off, self.width * self.out_dim, (self.width, self.out_dim)),
+        ]
+        idx = []
+        for lo, hi, _, bd, bu in self.pieces:
+            i = j = -1
+            if bd >= 0:
+                i = len(spans)
+                spans.append((bd, hi - lo, (hi - lo,)))
+            if bu >= 0:
+                j = len(spans)
+                spans.append((bu, self.out_dim, (self.out_dim,)))
+            idx.append((i, j))
+        self.spans, self.piece_views = tuple(spans), tuple(idx)
+
+    def assemble(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[Piece]]:
+        """``D``, ``Ut`` and the pieces from the views of :attr:`spans`."""
+        pieces = [
+            Piece(lo, hi, act, views[i] if i >= 0 else None, views[j] if j >= 0 else None)
+            for (lo, hi, act, _, _), (i, j) in zip(self.pieces, self.piece_views, strict=True)
+        ]
+        return views[0], views[1], pieces
 
 
 class ModuleBank(BankStatistics, nn.Module):
@@ -190,6 +221,7 @@ class ModuleBank(BankStatistics, nn.Module):
             units[self._unit_off[c] : self._unit_off[c] + w] = m.repeat_interleave(bs) * self.specs[c].scaling
         self._alive = alive
         self.unit_scale = units.to(device=dev, dtype=self.flat.dtype)
+        self._flat_grad: FlatGrad | None = None  # views of this flat for forwards with grad (_views)
         self._slabs: dict[tuple[str, str], _Slab] = {}
         by_site: dict[tuple[str, str], list[int]] = {}
         for c, spec in enumerate(self.specs):
@@ -221,6 +253,7 @@ class ModuleBank(BankStatistics, nn.Module):
                 bu = row.bu_off if alive[c] else -1
                 slab.pieces.append((slab.width, slab.width + w, spec.activation, row.bd_off, bu))
                 slab.width += w
+            slab.make_spans()
             self._slabs[key] = slab
         self._build_groups()
 
@@ -231,6 +264,7 @@ class ModuleBank(BankStatistics, nn.Module):
         (not one contiguous region, an output-tap member, a site with two output biases) is left
         out: its sites run per site."""
         self._groups: dict[int, tuple[int, int, GroupLayout]] = {}  # gid -> region off, unit off, layout
+        self._group_spans: dict[int, tuple[tuple[Span, ...], list[_Slab]]] = {}  # gid -> group_slabs' views
         self._site_group: dict[str, int] = {}
         self._pending = None  # (gid, x, grad enabled, {site: output}): siblings' outputs not yet taken
         members: dict[int, list[int]] = {}
@@ -273,6 +307,11 @@ class ModuleBank(BankStatistics, nn.Module):
             if not ok or width != sum(self._widths[c] for c in cands):
                 continue
             self._groups[gid] = (start, unit0, GroupLayout(in_dim, width, size, tuple(group_sites)))
+            # group_slabs: the stacked D of all sites, then each site's Ut and biases (slab spans)
+            site_slabs = [slab for slab, _ in slabs]
+            spans = [(start, width * in_dim, (width, in_dim))]
+            spans += [sp for slab in site_slabs for sp in slab.spans[1:]]
+            self._group_spans[gid] = (tuple(spans), site_slabs)
             for site in sites:
                 self._site_group[site] = gid
 
@@ -372,30 +411,35 @@ class ModuleBank(BankStatistics, nn.Module):
                 t["bd"].zero_()
                 t["bu"].zero_()
 
+    def _views(self, spans: Sequence[Span]) -> tuple[torch.Tensor, ...]:
+        """``flat.narrow(0, off, n).view(shape)`` per span.
+
+        With grad enabled (and ``flat`` trainable) the views are outputs of one
+        :class:`~prunepeft.ops.FlatGrad` node: their gradients go straight into the one full-size
+        buffer of the backward pass that becomes ``flat.grad``. The FlatGrad is shared by every
+        forward until ``flat`` changes (an optimizer step, a compaction). Under ``torch.no_grad()``
+        they are plain views: nothing is recorded, no gradient buffer is ever allocated.
+        """
+        flat = self.flat
+        if not (flat.requires_grad and torch.is_grad_enabled()):
+            return tuple(flat.narrow(0, off, n).view(shape) for off, n, shape in spans)
+        fg = self._flat_grad
+        if fg is None or not fg.matches(flat):
+            fg = self._flat_grad = FlatGrad(flat)
+        return fg.views(spans)
+
     def slab(
         self, site: str, tap: str
     ) -> tuple[torch.Tensor, torch.Tensor, list[Piece], torch.Tensor] | None:
         """The stacked ``D``, ``Ut``, pieces and unit scale of the candidates at ``(site, tap)``.
 
-        Returns None when no live candidate sits there. The tensors are views of ``flat`` taken now,
-        so autograd routes their gradients into ``flat.grad``.
+        Returns None when no live candidate sits there. The tensors are views of ``flat`` taken now
+        (:meth:`_views`), so autograd routes their gradients into ``flat.grad``.
         """
         slab = self._slabs.get((site, tap))
         if slab is None:
             return None
-        flat = self.flat
-        d = flat.narrow(0, slab.d_off, slab.width * slab.in_dim).view(slab.width, slab.in_dim)
-        ut = flat.narrow(0, slab.u_off, slab.width * slab.out_dim).view(slab.width, slab.out_dim)
-        pieces = [
-            Piece(
-                lo,
-                hi,
-                act,
-                flat.narrow(0, bd, hi - lo) if bd >= 0 else None,
-                flat.narrow(0, bu, slab.out_dim) if bu >= 0 else None,
-            )
-            for lo, hi, act, bd, bu in slab.pieces
-        ]
+        d, ut, pieces = slab.assemble(self._views(slab.spans))
         scale = self.unit_scale.narrow(0, slab.unit_off, slab.width)
         return d, ut, pieces, scale
 
@@ -409,8 +453,26 @@ class ModuleBank(BankStatistics, nn.Module):
         input-tap parameters (taken now, so gradients reach ``flat.grad``), where each site's lie in
         it, and the group's slice of the unit scale."""
         start, unit0, layout = self._groups[gid]
-        region = self.flat.narrow(0, start, layout.size)
+        (region,) = self._views([(start, layout.size, (layout.size,))])
         return region, layout, self.unit_scale.narrow(0, unit0, layout.width)
+
+    def group_slabs(
+        self, gid: int
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, list[Piece]]], GroupLayout, torch.Tensor]:
+        """``(d, sites, layout, unit_scale)`` of group ``gid`` for
+        :func:`~prunepeft.ops.bottleneck_stacked`: ``d`` the ``[width, in]`` stacked ``D`` rows of all
+        its sites, ``sites`` each site's ``(Ut, pieces)`` in ``layout.sites`` order (views taken now,
+        by :meth:`_views`)."""
+        start, unit0, layout = self._groups[gid]
+        spans, site_slabs = self._group_spans[gid]
+        views = self._views(spans)
+        sites, k = [], 1
+        for slab in site_slabs:
+            n = len(slab.spans) - 1  # the site's own views after the stacked D
+            _, ut, pieces = slab.assemble((None, *views[k : k + n]))
+            sites.append((ut, pieces))
+            k += n
+        return views[0], sites, layout, self.unit_scale.narrow(0, unit0, layout.width)
 
     def stash_group_outputs(self, gid: int, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         """Keep the outputs a group launch computed for ``site``'s siblings until they are called
@@ -546,6 +608,12 @@ class ModuleBank(BankStatistics, nn.Module):
         if hasattr(self, "_slabs"):
             self._rebuild()
         return out
+
+    def __getstate__(self):  # copies (deepcopy, pickle) carry no autograd graph
+        state = dict(super().__getstate__())
+        state["_flat_grad"] = None
+        state["_pending"] = None
+        return state
 
     def extra_repr(self) -> str:
         return f"candidates={self.num_candidates}, blocks={self.num_blocks}, params={self.num_params()}"

@@ -10,12 +10,17 @@ A site wraps one ``nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or GPT-2 ``Conv1D
 The base computation stays the wrapped module's own (bitsandbytes' NF4 kernels for a 4-bit base);
 the candidates run in the bank's dtype and are cast back to the base output's dtype.
 
-On the Triton path (:func:`prunepeft.ops.use_triton`), sites whose input-tap candidates share a
-layout group (q, k and v of a layer read one tensor) run together: the first of them called on a
-tensor ``x`` computes every site's input-tap output in one launch and leaves its siblings' outputs
-in the bank, keyed by the identity of ``x``; a sibling called with that same tensor (and grad mode)
-takes its output, one called with another tensor runs its own slab. Correctness never depends on
-the call order, and the reference path always runs site by site.
+Sites whose input-tap candidates share a layout group (q, k and v of a layer read one tensor) run
+together: the first of them called on a tensor ``x`` computes every site's input-tap output at once
+and leaves its siblings' outputs in the bank, keyed by the identity of ``x``; a sibling called with
+that same tensor (and grad mode) takes its output, one called with another tensor runs its own
+slab. Correctness never depends on the call order. On the Triton path
+(:func:`prunepeft.ops.use_triton`) the group is one launch; on the reference path it is one GEMM for
+the stacked down-projections of all the group's units (:func:`prunepeft.ops.bottleneck_stacked`,
+``[sum of widths, in]``) and each site's up-projection on its slice, in forwards with grad enabled
+(training, where the step time is); under ``torch.no_grad()`` (evaluation, inference) it runs site
+by site, so inference keeps the per-module numerics of an exported peft LoRA to the last bits (one
+stacked GEMM rounds differently from three, ~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from .bank import ModuleBank
-from .ops import bottleneck, bottleneck_group, use_triton
+from .ops import bottleneck, bottleneck_group, bottleneck_stacked, use_triton
 
 
 class BottleneckSite(nn.Module):
@@ -44,9 +49,10 @@ class BottleneckSite(nn.Module):
         collect = self.training and torch.is_grad_enabled()
         grouped = None  # this site's input-tap output, computed with its layout group
         gid = bank.input_group(self.site_name)
-        if gid is not None and use_triton(x, bank.flat):
+        if gid is not None:
             pending, grouped = bank.take_group_output(self.site_name, x)
-            if not pending:
+            # the reference path groups training forwards only (see the module docstring)
+            if not pending and (torch.is_grad_enabled() or use_triton(x, bank.flat)):
                 grouped = self._group_forward(bank, gid, x, collect)
         for tap in ("input", "output"):
             if tap == "input" and grouped is not None:
@@ -64,10 +70,15 @@ class BottleneckSite(nn.Module):
         return y
 
     def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor, collect: bool) -> torch.Tensor:
-        """All input-tap outputs of group ``gid`` on ``x`` in one launch; the siblings' are stashed."""
-        region, layout, scale = bank.group(gid)
+        """All input-tap outputs of group ``gid`` on ``x`` (one launch, or one down-projection GEMM);
+        the siblings' are stashed."""
         act = bank.group_activation_buffer(gid, x.numel() // x.shape[-1]) if collect else None
-        outs = bottleneck_group(x.to(region.dtype), region, layout, scale, act)
+        if use_triton(x, bank.flat):
+            region, layout, scale = bank.group(gid)
+            outs = bottleneck_group(x.to(region.dtype), region, layout, scale, act)
+        else:
+            d, sites, layout, scale = bank.group_slabs(gid)
+            outs = bottleneck_stacked(x.to(d.dtype), d, sites, scale, act)
         mine = None
         rest = {}
         for s, out in zip(layout.sites, outs, strict=True):

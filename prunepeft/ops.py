@@ -13,7 +13,14 @@ reference (the C++ extension has no bottleneck op).
 
 :func:`bottleneck_group` is the same op for every site of a layout group (the sites that read one
 input tensor, e.g. q, k and v of a layer; :class:`GroupLayout`): the kernels compute them all in
-one launch with one output per site; its reference is one :func:`bottleneck_reference` per site.
+one launch with one output per site; its reference computes the down-projections of all the
+group's units with one GEMM (the ``D`` rows of a group are stacked) and each site's up-projection
+on its slice.
+
+:class:`FlatGrad` is the autograd side of the bank (ARCHITECTURE.md §3): the sites read their
+slabs as views of the flat parameter, made by :meth:`FlatGrad.views`, whose gradients are written into
+one zero-initialised full-size buffer per backward pass and handed to autograd once, as the flat
+parameter's gradient (instead of one full-size zero tensor per ``narrow`` view, summed).
 """
 
 from __future__ import annotations
@@ -103,6 +110,120 @@ class GroupLayout:
         return d, ut, pieces
 
 
+# --------------------------------------------------------------------------- gradients of flat views
+
+Span = tuple[int, int, tuple[int, ...]]
+"""``(offset, elements, shape)``: the view ``flat.narrow(0, offset, elements).view(shape)``."""
+
+
+def _graph_task() -> int:
+    """Id of the backward pass (graph task) running on this thread; -1 outside one."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn() if fn is not None else 0
+
+
+class _Sink:
+    """The full-size gradient buffers of one :class:`FlatGrad`, one per running backward pass.
+
+    Held by the autograd nodes' contexts; it holds no tensor of the graph (no reference cycle
+    through the C++ nodes)."""
+
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = flat.shape, flat.dtype, flat.device
+        self.bufs: dict[int, torch.Tensor] = {}
+
+    def buffer(self) -> torch.Tensor:
+        task = _graph_task()
+        buf = self.bufs.get(task)
+        if buf is None:
+            buf = self.bufs[task] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            FlatGrad.allocations += 1
+        return buf
+
+    def take(self) -> torch.Tensor | None:
+        # popped, so autograd holds the only reference: AccumulateGrad adopts it as ``.grad``
+        return self.bufs.pop(_graph_task(), None)
+
+
+class _FlatRoot(torch.autograd.Function):
+    """``flat -> token`` (an empty tensor): the one edge into ``flat``'s AccumulateGrad. Its
+    backward runs after every :class:`_FlatViews` node of the pass (they all take the token) and
+    returns the pass's buffer as ``flat``'s gradient."""
+
+    @staticmethod
+    def forward(ctx, flat, sink):
+        ctx.sink = sink
+        return flat.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.sink.take(), None
+
+
+class _FlatViews(torch.autograd.Function):
+    """``token -> views of flat``; backward adds each view's gradient into its range of the pass's
+    buffer (views whose output got no gradient are skipped)."""
+
+    @staticmethod
+    def forward(ctx, token, data, sink, spans):
+        ctx.sink, ctx.spans = sink, spans
+        ctx.set_materialize_grads(False)
+        return tuple(data.narrow(0, off, n).view(shape) for off, n, shape in spans)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if any(g is not None for g in grads):
+            buf = ctx.sink.buffer()
+            for (off, n, shape), g in zip(ctx.spans, grads, strict=True):
+                if g is not None:
+                    buf.narrow(0, off, n).view(shape).add_(g)
+        return torch.empty(0, dtype=ctx.sink.dtype, device=ctx.sink.device), None, None, None
+
+
+class FlatGrad:
+    """Views of one flat parameter whose gradients reach it as one buffer per backward pass.
+
+    Autograd's ``narrow`` backward makes a zero tensor of the whole parameter for every view and
+    adds them all into its gradient: with a hundred views per forward that is a hundred full-size
+    allocations and additions per step. Here every :meth:`views` call is one node that takes the
+    ``token`` of a root node (:class:`_FlatRoot`) on the parameter; in a backward pass the first
+    views node to run allocates one zero-initialised full-size buffer (per graph task, so a nested
+    backward, e.g. reentrant checkpointing, gets its own), every views node adds its views'
+    gradients into their ranges, and the root, which autograd runs after all of them, returns the
+    buffer as the parameter's gradient. AccumulateGrad therefore sees one gradient per pass: it
+    adopts the buffer as ``.grad`` (no copy) or adds it to the ``.grad`` already there (gradient
+    accumulation), and hooks on the parameter (``register_post_accumulate_grad_hook``) fire once.
+
+    Valid while the parameter is unchanged (:meth:`matches`: identity, shape, dtype, device and
+    version, so a new one after every optimizer step); forwards in between (micro-batches of one
+    step) share it. Only for forwards with grad enabled; higher-order gradients are not supported.
+    """
+
+    allocations = 0
+    """Full-size gradient buffers allocated so far, by all instances (the tests count them)."""
+
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+        self.version = flat._version
+        self.sink = _Sink(flat)
+        with torch.enable_grad():
+            self.token = _FlatRoot.apply(flat, self.sink)
+
+    def matches(self, flat: torch.Tensor) -> bool:
+        """Whether this still serves ``flat`` (same tensor, unchanged since)."""
+        return (
+            flat is self.flat
+            and flat._version == self.version
+            and flat.shape == self.sink.shape
+            and flat.dtype == self.sink.dtype
+            and flat.device == self.sink.device
+        )
+
+    def views(self, spans: Sequence[Span]) -> tuple[torch.Tensor, ...]:
+        """``flat.narrow(0, off, n).view(shape)`` for each span, as outputs of one node."""
+        return _FlatViews.apply(self.token, self.flat.detach(), self.sink, tuple(spans))
+
+
 def use_triton(x: torch.Tensor, d: torch.Tensor) -> bool:
     """Whether :func:`bottleneck` on input ``x`` and parameters like ``d`` runs the Triton kernels."""
     forced = os.environ.get("PRUNEPEFT_BACKEND", "").lower()
@@ -165,7 +286,8 @@ def bottleneck_group_reference(
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Per site ``s`` of ``layout``: :func:`bottleneck_reference` of its candidates on ``x``.
+    """Per site ``s`` of ``layout``: :func:`bottleneck_reference` of its candidates on ``x``, with
+    the down-projections of all sites computed by one GEMM (:func:`bottleneck_stacked`).
 
     Args:
         x: ``[..., in_dim]``.
@@ -177,12 +299,42 @@ def bottleneck_group_reference(
     Returns:
         One ``[..., out_dim]`` tensor per site, in ``layout.sites`` order.
     """
-    outs = []
-    for k, s in enumerate(layout.sites):
-        d, ut, pieces = layout.site_args(region, k)
-        habs = None if h_abs_sum is None else h_abs_sum.narrow(0, s.lo, s.width)
-        outs.append(bottleneck_reference(x, d, ut, pieces, unit_scale.narrow(0, s.lo, s.width), habs))
-    return outs
+    d = region.narrow(0, 0, layout.width * layout.in_dim).view(layout.width, layout.in_dim)
+    sites = [layout.site_args(region, k)[1:] for k in range(len(layout.sites))]
+    return bottleneck_stacked(x, d, sites, unit_scale, h_abs_sum)
+
+
+def bottleneck_stacked(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    sites: Sequence[tuple[torch.Tensor, Sequence[Piece]]],
+    unit_scale: torch.Tensor,
+    h_abs_sum: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """The bottlenecks of several sites that read ``x``, whose ``D`` rows are stacked in ``d``.
+
+    One GEMM computes ``x @ d.T`` for every unit; it is split by site (``torch.split``: one
+    backward node, one concatenation), and each site's activation and up-projection runs on its
+    slice exactly as in :func:`bottleneck_reference`.
+
+    Args:
+        x: ``[..., in]``.
+        d: ``[sum of the sites' widths, in]``, the sites' ``D`` rows in ``sites`` order.
+        sites: per site, its ``Ut`` ``[width, out]`` and pieces (units relative to the site).
+        unit_scale: ``[sum of widths]``.
+        h_abs_sum: optional float32 ``[sum of widths]`` buffer (see :func:`bottleneck_reference`).
+
+    Returns:
+        One ``[..., out]`` tensor per site.
+    """
+    widths = [ut.shape[0] for ut, _ in sites]
+    h = x @ d.t()
+    hs = h.split(widths, dim=-1) if len(sites) > 1 else (h,)
+    scales = unit_scale.split(widths)
+    habs = h_abs_sum.split(widths) if h_abs_sum is not None else (None,) * len(sites)
+    return [
+        _up(hk, ut, pieces, sk, ak) for hk, (ut, pieces), sk, ak in zip(hs, sites, scales, habs, strict=True)
+    ]
 
 
 def bottleneck_reference(
@@ -210,12 +362,30 @@ def bottleneck_reference(
     Returns:
         ``[..., out]``.
     """
-    h = x @ d.t()
+    return _up(x @ d.t(), ut, pieces, unit_scale, h_abs_sum)
+
+
+def _piece_inputs(h: torch.Tensor, pieces: Sequence[Piece]) -> Sequence[torch.Tensor]:
+    """Each piece's units of ``h`` (one ``split`` when the pieces tile ``h``'s last dim in order)."""
+    sizes = [p.hi - p.lo for p in pieces]
+    tiled = pieces[0].lo == 0 and all(p.lo == q.hi for q, p in zip(pieces, pieces[1:], strict=False))
+    if tiled and pieces[-1].hi == h.shape[-1]:
+        return (h,) if len(pieces) == 1 else h.split(sizes, dim=-1)
+    return [h[..., p.lo : p.hi] for p in pieces]
+
+
+def _up(
+    h: torch.Tensor,
+    ut: torch.Tensor,
+    pieces: Sequence[Piece],
+    unit_scale: torch.Tensor,
+    h_abs_sum: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`bottleneck_reference` after the down-projection ``h = x @ d.T``."""
     simple = all(p.activation == "identity" and p.bd is None for p in pieces)
     if not simple:
         parts = []
-        for p in pieces:
-            hp = h[..., p.lo : p.hi]
+        for p, hp in zip(pieces, _piece_inputs(h, pieces), strict=True):
             if p.bd is not None:
                 hp = hp + p.bd
             parts.append(activate(hp, p.activation))
