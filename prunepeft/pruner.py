@@ -160,8 +160,14 @@ class Pruner:
         self._round_losses: list[float] = []
         self._round_step_s: list[float] = []
         bank.collect_activations = True
+        bank.track_gate = self._reads_gate()
         bank.reset_stats()
         bank.reset_activations()
+
+    def _reads_gate(self) -> bool:
+        c = self.config
+        pool = c.hybrid_criteria if c.hybrid_criteria is not None else tuple(CRITERIA)
+        return c.strategy == "gate" or (c.strategy == "hybrid" and "gate" in pool)
 
     @classmethod
     def restore(cls, handle: Supernet, config: PruneConfig, budget: int, state: dict) -> Pruner:
@@ -174,6 +180,7 @@ class Pruner:
         self.history, self.step = [], 0
         self._round_t0, self._round_losses, self._round_step_s = time.perf_counter(), [], []
         self.load_state_dict(state)
+        handle.bank.track_gate = self._reads_gate()
         handle.bank.reset_stats()
         handle.bank.reset_activations()
         return self

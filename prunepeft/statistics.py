@@ -37,6 +37,9 @@ class BankStatistics:
         self.act_tokens: torch.Tensor | None = None  # float64 [total_units], tokens seen per unit
         self.sens: torch.Tensor | None = None  # AdaLoRA smoothed sensitivity, per element
         self.unc: torch.Tensor | None = None  # AdaLoRA uncertainty, per element
+        self.track_gate = (
+            False  # accumulate the gate statistic (only when a strategy reads it: one more pass)
+        )
         self.state_provider = None  # a callable returning a JSON-able dict saved with the bank (the pruner's)
         self.loaded_state: dict | None = None  # what a loaded state_dict carried from state_provider
 
@@ -127,7 +130,7 @@ class BankStatistics:
             self.sens = torch.zeros_like(param) if self.sens is None else self.sens.to(param.device)
             self.unc = torch.zeros_like(param) if self.unc is None else self.unc.to(param.device)
         beta1, beta2 = adalora if adalora is not None else (0.85, 0.85)
-        if grad is not None:
+        if grad is not None and self.track_gate:
             self._accumulate_gate(param, grad, ema)
         return backend.block_stats(
             param,

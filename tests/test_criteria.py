@@ -19,6 +19,7 @@ def test_gate_statistic_is_the_derivative_of_the_loss_by_a_unit_gate():
     with torch.no_grad():
         bank.flat.normal_(0, 0.1)  # non-zero Ut everywhere, so every gate has a gradient
     bank._rebuild()
+    bank.track_gate = True
     bank.unit_scale.requires_grad_(True)  # the gates: scale per unit (1 x LoRA's alpha / r)
     model.train()
     loss = model(**batch).loss
@@ -51,6 +52,7 @@ def test_gate_accumulates_and_compacts_like_the_other_statistics(ema):
     bank = h.bank
     with torch.no_grad():
         bank.flat.normal_(0, 0.1)
+    bank.track_gate = True
     model.train()
     steps = []
     for _ in range(2):
