@@ -454,6 +454,7 @@ def check_bank_scoring(sh: Shapes, dtype: torch.dtype, seed: int) -> None:
     ]  # fmt: skip
     kernel = ModuleBank(specs, dtype=dtype, device=DEV, backend="triton")
     oracle = ModuleBank(specs, dtype=dtype, backend="reference")
+    kernel.track_gate = oracle.track_gate = True
     out = {}
     poison()
     for _ in range(2):
