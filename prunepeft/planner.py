@@ -26,8 +26,8 @@ each carrying the formula that produced it:
     (``3 f`` elements, else ``f``);
   * norms: their input, upcast to fp32 by the RMSNorm of Llama-family models (4 bytes per element
     plus 4 per token; ``nn.LayerNorm``: ``b`` per element plus 8 per token);
-  * candidates: the tensor each candidate reads, in the bank's dtype (one copy per layout group on
-    the Triton path, per site on the reference path, shared when no cast is needed), and the
+  * candidates: the tensor each candidate reads, in the bank's dtype (one copy per layout group:
+    training computes the sites sharing an input together on either path; shared when no cast is needed), and the
     bottleneck units (Triton: ``z`` in fp32; reference: ``h`` for LoRA, ``h`` and ``act(h)`` for
     adapters);
   * once: the final norm's input, and for causal LM the logits (``V x (b + 4 + 4)`` bytes: the
@@ -653,12 +653,12 @@ def _activation_terms(
             taps[("out", spec.site)] = spec.out_dim
         elif not cast:
             taps[("in", spec.group)] = spec.in_dim  # no cast: the candidates share the input tensor
-        elif backend == "triton" and bank.input_group(spec.site) is not None:
+        elif bank.input_group(spec.site) is not None:  # training groups sites sharing an input (any backend)
             taps[("group", bank.input_group(spec.site))] = spec.in_dim
         else:
             taps[("site", spec.site)] = spec.in_dim
     tap_elems = sum(taps.values())
-    how = "one per layout group" if backend == "triton" else "one per site"
+    how = "one per layout group or lone site"
     terms.append(
         MemoryTerm(
             "activations: candidate inputs",
