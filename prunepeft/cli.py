@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import FINAL_INITS, TASK_KINDS, SearchConfig
+from .config import FINAL_INITS, TASK_KINDS, SearchConfig, default_search_space
 from .criteria import CRITERIA
 from .finetune import SearchError
 from .hybrid import BALANCES, NORMALISATIONS
@@ -185,7 +185,17 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
 _FLAG_OF = {f.field: f for f in CONFIG_FLAGS}
 
 
-def _field_default(name: str) -> Any:
+def search_space_defaults() -> dict[str, Any]:
+    """The fields of :func:`~prunepeft.config.default_search_space` that differ from ``SpaceConfig()``:
+    ``prunepeft search`` starts from them (as ``search()`` does), ``train`` from ``SpaceConfig()``."""
+    base, default = SpaceConfig(), default_search_space()
+    return {f.name: getattr(default, f.name) for f in fields(SpaceConfig)
+            if getattr(default, f.name) != getattr(base, f.name)}  # fmt: skip
+
+
+def _field_default(name: str, space_defaults: dict | None = None) -> Any:
+    if space_defaults and name in space_defaults and name != "seed":
+        return space_defaults[name]
     cls = SpaceConfig if name in SPACE_FIELDS and name != "seed" else SearchConfig
     f = cls.__dataclass_fields__[name]
     return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
@@ -196,11 +206,13 @@ def add_config_args(
     groups: Sequence[str],
     aliases: dict[str, str] | None = None,
     containers: dict[str, Any] | None = None,
+    space_defaults: dict | None = None,
 ) -> None:
     """Add the flags of :data:`CONFIG_FLAGS` in ``groups`` (and ``--config FILE``) to ``p``.
 
     ``aliases`` gives extra option strings (``{"final_steps": "--steps"}``); ``containers`` existing
-    argument groups to put a group's flags in. Flags not given stay absent from the parsed
+    argument groups to put a group's flags in; ``space_defaults`` the space fields' defaults the help
+    shows when the command starts from other than ``SpaceConfig()``. Flags not given stay absent from the parsed
     namespace, so :func:`config_from_args` knows what the user set.
     """
     aliases = aliases or {}
@@ -210,7 +222,7 @@ def add_config_args(
             continue
         if flag.group not in made:
             made[flag.group] = p.add_argument_group(flag.group)
-        default = _field_default(flag.field)
+        default = _field_default(flag.field, space_defaults)
         shown = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         help_ = flag.help + (
             f" (default: {shown})" if default is not None and "default:" not in flag.help else ""
@@ -555,7 +567,7 @@ def _cmd_search(args) -> int:
     distributed.init_from_env()  # under torchrun / accelerate launch: rank 0 alone writes and prints
     if args.resume:
         return _resume(args)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, space_defaults=search_space_defaults())
     if args.print_config:
         return _print_config(cfg)
     _require(args, "search", ("model", "train", "out"))
@@ -816,7 +828,8 @@ def _add_search_parser(sub) -> None:
     _four_bit_flag(p, False)
     p.add_argument("--quiet", action="store_true", help="no progress bars or round lines")
     data = _add_data_args(p, train=True)
-    add_config_args(p, (PRUNING, SPACE, TRAINING, DATA), containers={DATA: data})
+    add_config_args(p, (PRUNING, SPACE, TRAINING, DATA), containers={DATA: data},
+                    space_defaults=search_space_defaults())
     p.set_defaults(func=_cmd_search)
 
 

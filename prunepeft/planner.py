@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .bank import KINDS, ModuleBank
+from .config import default_search_space
 from .scheduler import SCHEDULES, base_param_count, default_budget, resolve_budget, round_targets
 from .space import ARCHITECTURES, SearchSpace, SpaceConfig, _find_layers, _resolve_arch
 from .supernet import attach
@@ -295,7 +296,8 @@ def plan_model(
     Args:
         model_or_config: a model directory holding ``config.json``, the path of a ``config.json``,
             or a ``transformers.PretrainedConfig``.
-        space: the supernet's candidates (default: ``SpaceConfig()``, as ``prunepeft search``).
+        space: the supernet's candidates (default: :func:`~prunepeft.config.default_search_space`,
+            as ``search()`` and ``prunepeft search``).
         load_in_4bit: the base's linears in NF4 with double quantisation (bitsandbytes).
         dtype: dtype of the dense base weights (all of them, or the non-quantized ones under 4-bit)
             and of the activations: ``float32``, ``bfloat16`` or ``float16``.
@@ -313,7 +315,7 @@ def plan_model(
             ``space`` names ``layers_path`` and ``sites``), targets that match nothing, a budget
             above the supernet, or a bad option.
     """
-    space = space if space is not None else SpaceConfig()
+    space = space if space is not None else default_search_space()
     if dtype not in DTYPES:
         raise ValueError(f"plan: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if backend not in BACKENDS:
@@ -813,15 +815,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model directory with config.json, or a config.json path")
     p.add_argument("--task", default="causal_lm", choices=list(TASKS))
     p.add_argument("--num-labels", type=int, default=2, help="labels of the classification head")
-    g = p.add_argument_group("search space")
-    g.add_argument(
-        "--lora-targets", nargs="*", default=["q", "v"], help="roles or module names (default: q v)"
-    )
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--serial-adapters", nargs="*", default=["ffn"], help="attn and/or ffn (default: ffn)")
-    g.add_argument("--parallel-adapters", nargs="*", default=[], help="sites for parallel adapters (e.g. up)")
-    g.add_argument("--adapter-width", type=int, default=16)
-    g.add_argument("--block-size", type=int, default=4)
+    d = default_search_space()  # what 'prunepeft search' attaches when no space flag is given
+    g = p.add_argument_group("search space (defaults: prunepeft search's)")
+    g.add_argument("--lora-targets", nargs="*", default=list(d.lora_targets),
+                   help=f"roles or module names (default: {' '.join(d.lora_targets)})")  # fmt: skip
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"(default: {d.lora_rank})")
+    g.add_argument("--serial-adapters", nargs="*", default=list(d.serial_adapter_targets),
+                   help=f"attn and/or ffn (default: {' '.join(d.serial_adapter_targets)})")  # fmt: skip
+    g.add_argument("--parallel-adapters", nargs="*", default=list(d.parallel_adapter_targets),
+                   help="sites for parallel adapters (e.g. up; default: none)")  # fmt: skip
+    g.add_argument("--adapter-width", type=int, default=d.adapter_width, help=f"(default: {d.adapter_width})")
+    g.add_argument("--block-size", type=int, default=d.block_size, help=f"(default: {d.block_size})")
     g = p.add_argument_group("search")
     g.add_argument("--budget", help="an integer, a percentage of the base ('0.5%%') or a fraction; "
                    "default: the size of LoRA r=8 on q, v")  # fmt: skip

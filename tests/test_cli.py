@@ -111,9 +111,12 @@ def test_search_export_eval_train_report(search_run, glue_dir, tmp_path, capsys,
     assert result["task"]["label_names"] == ["entailment", "not_entailment"]
     assert result["config"]["max_length"] == 32 and result["config"]["budget"] == "0.05%"
     assert "Kept modules" in (out / "report.md").read_text()
-    # the default space has serial adapters: auto export picks prunepeft's format
+    # auto export: peft's format when only LoRA survived, else prunepeft's
     assert main(["export", "--model", "minilm", "--result", str(out), "--out", str(tmp_path / "exp")]) == 0
-    assert (tmp_path / "exp" / "prunepeft_config.json").exists()
+    kinds = {k["kind"] for k in result["kept"]}
+    assert kinds and kinds <= {"lora", "serial_adapter"}
+    made = "adapter_config.json" if kinds == {"lora"} else "prunepeft_config.json"
+    assert (tmp_path / "exp" / made).exists(), (kinds, sorted(p.name for p in (tmp_path / "exp").iterdir()))
 
     # eval reads the search's data settings (max_length 32, label order) from result.json
     import prunepeft.taskdata as taskdata
@@ -284,6 +287,15 @@ def test_load_in_4bit_for_train_eval_export(glue_dir, tmp_path, monkeypatch):
                                            ("73,728", 73728), ("73_728", 73728)])  # fmt: skip
 def test_budget_forms(capsys, budget, value):
     assert _printed_config(capsys, ["search", "--print-config", "--budget", budget])["budget"] == value
+
+
+def test_search_defaults_are_the_apis(capsys):
+    """With no flag, ``prunepeft search`` runs what ``search()`` runs: the same config, the same space."""
+    cfg = _printed_config(capsys, ["search", "--print-config"])
+    assert cfg == json.loads(json.dumps(SearchConfig().to_dict()))
+    cfg = _printed_config(capsys, ["search", "--print-config", "--lora-targets", "q", "v"])
+    assert cfg["space"]["lora_targets"] == ["q", "v"]  # a flag changes its field of the default space only
+    assert cfg["space"]["serial_adapter_targets"] == list(SearchConfig().space.serial_adapter_targets)
 
 
 @pytest.mark.parametrize("budget", ["lots", "1.5", "-3", "0", "150%", "abc%", "1e"])

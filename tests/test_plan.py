@@ -17,11 +17,13 @@ import transformers as T
 from conftest import tiny_config
 
 from prunepeft import SpaceConfig, attach
+from prunepeft.config import default_search_space
 from prunepeft.planner import add_parser, build_meta_model, format_plan, plan_model, run
 from prunepeft.scheduler import base_param_count, default_budget, resolve_budget
 
 RICH = SpaceConfig(lora_targets=("all",), lora_rank=8, serial_adapter_targets=("attn", "ffn"),
                    parallel_adapter_targets=("up",), adapter_width=8, block_size=4)  # fmt: skip
+PAPER = SpaceConfig()  # the paper's space (LoRA r=8 on q, v; a serial adapter w=16 after the FFN)
 
 
 def _llama_like_params(L, h, f, heads, kv_heads, vocab, tied=False, qkv_bias=False):
@@ -129,7 +131,7 @@ def test_classification_plan_counts_the_head():
 def test_partitions_follow_the_space():
     cfg = T.LlamaConfig(num_hidden_layers=10, hidden_size=64, intermediate_size=128, num_attention_heads=2,
                         vocab_size=100)  # fmt: skip
-    plan = plan_model(cfg)
+    plan = plan_model(cfg, PAPER)
     assert [s.name for s in plan.by_partition] == ["0-20%", "20-50%", "50-80%", "80-100%"]
     assert [s.detail for s in plan.by_partition] == ["layers 0-1", "layers 2-4", "layers 5-7", "layers 8-9"]
     per_layer = plan.supernet_params // 10
@@ -146,7 +148,7 @@ def test_partitions_follow_the_space():
 def test_big_models_plan_on_meta(name, cfg, tied, qkv_bias):
     L, h, f = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     kv = h // cfg.num_attention_heads * (cfg.num_key_value_heads or cfg.num_attention_heads)
-    plan = plan_model(cfg)  # default space: LoRA r=8 on q, v; serial adapter width 16 after the FFN
+    plan = plan_model(cfg, PAPER)  # the paper's space: LoRA r=8 on q, v; serial adapter width 16 after the FFN
     expected_base = _llama_like_params(L, h, f, cfg.num_attention_heads, cfg.num_key_value_heads or
                                        cfg.num_attention_heads, cfg.vocab_size, tied, qkv_bias)  # fmt: skip
     assert plan.base_params == expected_base
@@ -170,9 +172,9 @@ def test_big_models_plan_on_meta(name, cfg, tied, qkv_bias):
 
 def test_base_weights_by_precision_and_4bit_formula():
     cfg = T.LlamaConfig()
-    fp32 = plan_model(cfg, dtype="float32")
-    bf16 = plan_model(cfg)
-    q4 = plan_model(cfg, load_in_4bit=True)
+    fp32 = plan_model(cfg, PAPER, dtype="float32")
+    bf16 = plan_model(cfg, PAPER)
+    q4 = plan_model(cfg, PAPER, load_in_4bit=True)
     w32, w16, w4 = (p.term("base weights").bytes for p in (fp32, bf16, q4))
     assert w32 == 2 * w16 == 4 * bf16.base_params
     # NF4: every linear of the layers (not lm_head) at 0.5 B + 1 B absmax per 64 + 4 B per 64*256 (+ 4 B
@@ -190,7 +192,7 @@ def test_base_weights_by_precision_and_4bit_formula():
 # ------------------------------------------------------------------------------ phases
 @pytest.mark.parametrize("schedule", ["linear", "cubic"])
 def test_the_estimate_shrinks_round_by_round(schedule):
-    plan = plan_model(T.LlamaConfig(), rounds=5, schedule=schedule, budget="0.02%")
+    plan = plan_model(T.LlamaConfig(), PAPER, rounds=5, schedule=schedule, budget="0.02%")
     assert len(plan.phases) == plan.rounds + 1 == 6
     trains = [p.trainable_params for p in plan.phases]
     assert trains == [plan.supernet_params, *plan.targets] and trains[-1] == plan.budget
@@ -252,17 +254,17 @@ def test_training_shares_one_input_copy_per_layout_group():
     """Training groups the sites that share an input on either path: q and v read one fp32 copy."""
     cfg = T.LlamaConfig()
     tri, ref = (
-        plan_model(cfg, backend=b).term("activations: candidate inputs") for b in ("triton", "reference")
+        plan_model(cfg, PAPER, backend=b).term("activations: candidate inputs") for b in ("triton", "reference")
     )
     tokens, h, L = 8 * 512, 4096, 32
     assert tri.bytes == ref.bytes == tokens * L * (h + h) * 4  # q and v one copy; the serial adapter its own
-    same = plan_model(cfg, dtype="float32").term("activations: candidate inputs")
+    same = plan_model(cfg, PAPER, dtype="float32").term("activations: candidate inputs")
     assert same.bytes == tri.bytes  # no cast: q and v share the norm's output
 
 
 # ------------------------------------------------------------------------------ output and CLI
 def test_format_plan_prints_the_tables():
-    plan = plan_model(T.LlamaConfig(), gpu_memory_gib=80)
+    plan = plan_model(T.LlamaConfig(), PAPER, gpu_memory_gib=80)
     text = format_plan(plan)
     for needle in ("Candidates by kind", "Candidates by depth partition", "Candidates by site role",
                    "Budget: 4,194,304 parameters", "Memory estimate", "Per phase", "warm-up + round 1",
@@ -301,6 +303,18 @@ def test_cli_plan_subcommand(tmp_path, capsys):
     )
     assert run(args) == 0
     assert "activations: head input" in capsys.readouterr().out
+
+
+def test_plan_defaults_to_what_search_attaches(tmp_path, capsys):
+    """With no space flag, plan counts the supernet ``search()`` / ``prunepeft search`` would attach."""
+    cfg = tiny_config("llama", hidden=64)
+    cfg.save_pretrained(tmp_path)
+    plan = plan_model(cfg)
+    assert plan.supernet_params == plan_model(cfg, default_search_space()).supernet_params
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    assert plan.supernet_params == attach(model, default_search_space()).num_trainable()
+    assert run(_parser().parse_args(["plan", "--model", str(tmp_path)])) == 0
+    assert capsys.readouterr().out.strip() == format_plan(plan).strip()
 
 
 # ------------------------------------------------------------------------------ errors
