@@ -137,7 +137,12 @@ def part_quality(seeds: list[int]) -> None:
     for seed in seeds:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(torch.get_num_threads()))))
         out = run_llm(LLMDemoConfig(seed=seed), log=lambda *a: None)
-        base = {"task": "BBC topics (one word)", "seed": seed, "test_articles": len(out["targets"]), **stamp()}
+        base = {
+            "task": "BBC topics (one word)",
+            "seed": seed,
+            "test_articles": len(out["targets"]),
+            **stamp(),
+        }
         rows = [
             {**base, "method": "prunepeft", "exact_match": out["accuracy"], "params": out["params"],
              "search_s": round(out["search_seconds"], 1), "final_s": round(out["final_seconds"], 1),

@@ -828,8 +828,9 @@ def _add_search_parser(sub) -> None:
     _four_bit_flag(p, False)
     p.add_argument("--quiet", action="store_true", help="no progress bars or round lines")
     data = _add_data_args(p, train=True)
-    add_config_args(p, (PRUNING, SPACE, TRAINING, DATA), containers={DATA: data},
-                    space_defaults=search_space_defaults())
+    add_config_args(
+        p, (PRUNING, SPACE, TRAINING, DATA), containers={DATA: data}, space_defaults=search_space_defaults()
+    )
     p.set_defaults(func=_cmd_search)
 
 

@@ -148,7 +148,9 @@ def test_partitions_follow_the_space():
 def test_big_models_plan_on_meta(name, cfg, tied, qkv_bias):
     L, h, f = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     kv = h // cfg.num_attention_heads * (cfg.num_key_value_heads or cfg.num_attention_heads)
-    plan = plan_model(cfg, PAPER)  # the paper's space: LoRA r=8 on q, v; serial adapter width 16 after the FFN
+    plan = plan_model(
+        cfg, PAPER
+    )  # the paper's space: LoRA r=8 on q, v; serial adapter width 16 after the FFN
     expected_base = _llama_like_params(L, h, f, cfg.num_attention_heads, cfg.num_key_value_heads or
                                        cfg.num_attention_heads, cfg.vocab_size, tied, qkv_bias)  # fmt: skip
     assert plan.base_params == expected_base
@@ -254,7 +256,8 @@ def test_training_shares_one_input_copy_per_layout_group():
     """Training groups the sites that share an input on either path: q and v read one fp32 copy."""
     cfg = T.LlamaConfig()
     tri, ref = (
-        plan_model(cfg, PAPER, backend=b).term("activations: candidate inputs") for b in ("triton", "reference")
+        plan_model(cfg, PAPER, backend=b).term("activations: candidate inputs")
+        for b in ("triton", "reference")
     )
     tokens, h, L = 8 * 512, 4096, 32
     assert tri.bytes == ref.bytes == tokens * L * (h + h) * 4  # q and v one copy; the serial adapter its own
