@@ -342,3 +342,77 @@ def test_smollm2_4bit_sequence_classification(smollm2_cache):
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------------------------ the real commands
+TOPICS = [("Stocks fell sharply in London as oil prices rose.", "business"),
+          ("The striker scored twice on Saturday.", "sports"),
+          ("The band released a new album this week.", "entertainment"),
+          ("Parliament voted on the new tax bill.", "politics"),
+          ("A new phone chip doubles battery life.", "tech")]  # fmt: skip
+
+
+def _topic_jsonl(path: Path, n: int) -> Path:
+    rows = [{"prompt": f"Which topic is this article about? {TOPICS[i % 5][0]}", "response": TOPICS[i % 5][1]}
+            for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_search_eval_export_train_on_smollm2_4bit(smollm2_cache, tmp_path, capsys):
+    """``prunepeft search --model smollm2 --load-in-4bit`` then eval, export and train --result on its output
+    (the last two layers hold the candidates, a few steps: the commands, not the quality)."""
+    from prunepeft.cli import main
+
+    train, dev = _topic_jsonl(tmp_path / "train.jsonl", 20), _topic_jsonl(tmp_path / "dev.jsonl", 5)
+    out = tmp_path / "run"
+    small = ["--layers", "28", "29", "--batch-size", "2", "--eval-batch-size", "5", "--max-length", "96",
+             "--warmup-steps", "1", "--rounds", "1", "--steps-per-round", "1", "--round-eval-examples", "0",
+             "--val-examples", "2", "--quiet"]  # fmt: skip
+    rc = main(["search", "--model", "smollm2", "--load-in-4bit", "--train", str(train), "--eval", str(dev),
+               "--out", str(out), "--budget", "40000", "--final-steps", "2", *small])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    assert result["params"] <= 40_000 and result["task"]["kind"] == "causal_lm"
+    assert result["config"]["space"]["layers"] == [28, 29] and (out / "report.md").exists()
+    capsys.readouterr()
+    assert (
+        main(["eval", "--model", "smollm2", "--result", str(out), "--eval", str(dev), "--max-examples", "3"])
+        == 0
+    )
+    assert "loss" in capsys.readouterr().out
+    assert main(["export", "--model", "smollm2", "--result", str(out), "--out", str(tmp_path / "exp")]) == 0
+    assert any((tmp_path / "exp" / f).exists() for f in ("adapter_config.json", "prunepeft_config.json"))
+    rc = main(["train", "--model", "smollm2", "--result", str(out), "--train", str(train), "--eval", str(dev),
+               "--out", str(tmp_path / "again"), "--steps", "1", "--quiet"])  # fmt: skip
+    assert (
+        rc == 0 and json.loads((tmp_path / "again" / "train.json").read_text())["params"] == result["params"]
+    )
+
+
+def test_callback_in_a_trainer_on_smollm2_4bit(smollm2_cache, tmp_path):
+    """PrunePEFTCallback inside transformers.Trainer on the real 4-bit SmolLM2 (causal LM): it prunes to
+    the budget and the tied embeddings stay untouched."""
+    from transformers import Trainer, TrainingArguments
+
+    from prunepeft import SpaceConfig
+    from prunepeft.api import SearchConfig
+    from prunepeft.callback import PrunePEFTCallback
+
+    torch.manual_seed(0)
+    model, tok = models.load_model("smollm2", "causal_lm", load_in_4bit=True)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    rows = [Example(p + " " + r, prompt=p, response=r) for p, r in TOPICS]
+    data = list(batches(rows, tok, 2, kind="causal_lm"))
+    space = SpaceConfig(lora_targets=("q", "v", "down"), serial_adapter_targets=("ffn",), adapter_width=8,
+                        layers=(28, 29))  # fmt: skip
+    cb = PrunePEFTCallback(model, SearchConfig(space=space, budget=20_000, rounds=2, steps_per_round=1,
+                                               warmup_steps=1))  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=4, learning_rate=1e-3, report_to=[],
+                             per_device_train_batch_size=1, save_strategy="no", use_cpu=True, seed=0,
+                             logging_steps=1000, dataloader_num_workers=0)  # fmt: skip
+    Trainer(
+        model=model, args=args, train_dataset=data, data_collator=lambda xs: xs[0], callbacks=[cb]
+    ).train()
+    assert cb.handle.num_trainable() <= 20_000 and len(cb.history) == 2 and cb.kept()
+    assert torch.equal(model.get_input_embeddings().weight, emb)
