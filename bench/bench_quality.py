@@ -401,13 +401,22 @@ def paired(
     return out
 
 
+def _commits(rows: list[dict], cfg: QualityConfig) -> str:
+    """The commits the runs were made at, with their run counts (a resumed protocol spans several)."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        if r["variant"] == cfg.variant:
+            seen[r.get("commit") or "?"] = seen.get(r.get("commit") or "?", 0) + 1
+    return "commits " + ", ".join(f"{c} ({n} runs)" for c, n in seen.items())
+
+
 def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str:
     fin = final_rows(rows, cfg)
     task_list = [t for t in cfg.tasks if any(k[0] == t for k in fin)]
     stamp = next((r for r in rows if r["variant"] == cfg.variant), {})
     lines = [f"# Quality protocol (`{cfg.csv}`, variant `{cfg.variant}`)", "",
              f"Produced by `python bench/bench_quality.py {command}` on {stamp.get('machine', '?')}, "
-             f"{stamp.get('versions', '')}, commit {stamp.get('commit', '?')}; {len(rows)} runs, "
+             f"{stamp.get('versions', '')}, {_commits(rows, cfg)}; {len(rows)} runs, "
              f"{sum(float(r['wall_s']) for r in rows) / 3600:.1f} h of run time. The module doc of "
              "`bench/bench_quality.py` and `bench/tasks.py` say exactly what runs.", "",
              f"Setup: all-MiniLM-L6-v2; {cfg.steps} final steps for every method, batch {cfg.batch_size}, max "
