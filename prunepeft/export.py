@@ -19,7 +19,6 @@ interrupted write never leaves a config without its weights.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .bank import ModuleBank
+from .models import file_sha256
 from .space import SearchSpace, SpaceConfig
 from .supernet import Supernet, attach
 
@@ -177,14 +177,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
         save_file(tensors, str(path), metadata=metadata)
 
     return write
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- peft export
@@ -412,7 +404,7 @@ def save(handle: Supernet, out_dir: str | os.PathLike, extra: dict | None = None
         raise ValueError(f"save: extra must be JSON-serialisable: {e}") from None
 
     def write_config(path: Path) -> None:  # after the weights: it records their hash
-        meta["weights_sha256"] = _sha256(path.parent / WEIGHTS_NAME)
+        meta["weights_sha256"] = file_sha256(path.parent / WEIGHTS_NAME)
         _write_json(meta)(path)
 
     version = {"format": "prunepeft", "format_version": str(FORMAT_VERSION)}
@@ -445,7 +437,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     missing = {"model_type", "space_config", "candidates", "head", "weights_sha256"} - set(meta)
     if missing:
         raise ValueError(f"prunepeft.load: {path / CONFIG_NAME} is corrupt: no {', '.join(sorted(missing))}")
-    if _sha256(path / WEIGHTS_NAME) != meta["weights_sha256"]:
+    if file_sha256(path / WEIGHTS_NAME) != meta["weights_sha256"]:
         raise ValueError(
             f"prunepeft.load: {path / WEIGHTS_NAME} is corrupt or truncated (its sha256 does not match "
             f"the one recorded in {CONFIG_NAME}), or the two files come from different saves"

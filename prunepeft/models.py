@@ -152,7 +152,8 @@ def model_path(name: str, log: Callable[[str], None] | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the cache
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (the cache manifest and exported weights use it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -208,7 +209,7 @@ def cache_problem(entry: Path, source: dict[str, Any] | None = None) -> str | No
     if _VERIFIED.get(str(entry)) == tuple(stamp):
         return None
     for name, want in sorted(files.items()):
-        if _sha256(entry / name) != want.get("sha256"):
+        if file_sha256(entry / name) != want.get("sha256"):
             return f"{name} does not match its sha256 in the manifest"
     _VERIFIED[str(entry)] = tuple(stamp)
     return None
@@ -307,7 +308,7 @@ def write_manifest(out: Path, source: dict[str, Any] | None = None) -> None:
     for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != MANIFEST):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "source": source, "files": files}
     with open(out / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
