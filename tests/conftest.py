@@ -87,6 +87,21 @@ def tiny_model(model_type: str, seed: int = 0, hidden: int = 32):
     return model.eval(), batch
 
 
+def group_specs(group) -> list:
+    """Candidates of one layout group (sites sharing an input of 19 features, blocks of 2 units):
+    per ``(site, out_dim, lora_rank, parallel_adapter_width)`` a LoRA and, if the width is set, a gelu
+    parallel adapter with biases."""
+    from prunepeft.bank import CandidateSpec
+
+    specs = []
+    for site, out, r, pa in group:
+        common = dict(site=site, role=site, layer=0, in_dim=19, out_dim=out, block_size=2, group="attn_in")
+        specs.append(CandidateSpec(f"{site}:lora", "lora", width=r, scaling=2.0, **common))
+        if pa:
+            specs.append(CandidateSpec(f"{site}:pa", "parallel_adapter", width=pa, activation="gelu", bias=True, **common))  # fmt: skip
+    return specs
+
+
 def train_steps(model, opt, batch, steps: int) -> list[float]:
     """``steps`` optimizer steps on one fixed batch; returns the losses."""
     losses = []

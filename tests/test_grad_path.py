@@ -11,12 +11,12 @@ import types
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import group_specs, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prunepeft.modules as modules_mod
 from prunepeft import SpaceConfig, attach
-from prunepeft.bank import CandidateSpec, ModuleBank
+from prunepeft.bank import ModuleBank
 from prunepeft.modules import BottleneckSite
 from prunepeft.ops import FlatGrad, _Sink, bottleneck_reference, bottleneck_stacked
 
@@ -208,12 +208,7 @@ GROUP = (("q", 21, 8, 4), ("k", 9, 4, 0), ("v", 13, 12, 0))
 
 
 def _group_sites(mask: bool = True):
-    specs = []
-    for site, out, r, pa in GROUP:
-        common = dict(site=site, role=site, layer=0, in_dim=19, out_dim=out, block_size=2, group="attn_in")
-        specs.append(CandidateSpec(f"{site}:lora", "lora", width=r, scaling=2.0, **common))
-        if pa:
-            specs.append(CandidateSpec(f"{site}:pa", "parallel_adapter", width=pa, activation="gelu", bias=True, **common))  # fmt: skip
+    specs = group_specs(GROUP)
     bank = ModuleBank(specs)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py) or a GPU", allow_module_level=True)
 
-from conftest import tiny_model, train_steps  # noqa: E402
+from conftest import group_specs, tiny_model, train_steps  # noqa: E402
 
 import prunepeft  # noqa: E402
 from prunepeft import SpaceConfig, attach  # noqa: E402
@@ -165,14 +165,9 @@ GROUP = (("q", 21, 8, 6), ("k", 9, 4, 0), ("v", 13, 72, 0))
 
 
 def _group_bank(dtype, mask, seed=0):
-    from prunepeft.bank import CandidateSpec, ModuleBank
+    from prunepeft.bank import ModuleBank
 
-    specs = []
-    for site, out, r, pa in GROUP:
-        common = dict(site=site, role=site, layer=0, in_dim=19, out_dim=out, block_size=2, group="attn_in")
-        specs.append(CandidateSpec(f"{site}:lora", "lora", width=r, scaling=2.0, **common))
-        if pa:
-            specs.append(CandidateSpec(f"{site}:pa", "parallel_adapter", width=pa, activation="gelu", bias=True, **common))  # fmt: skip
+    specs = group_specs(GROUP)
     bank = ModuleBank(specs, dtype=dtype, device=DEV)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
