@@ -212,11 +212,13 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
     """One (task, budget, method, seed, lr) run; returns its CSV row."""
     import torch
 
-    from prunepeft.api import evaluate, finetune, prepare_data, search
+    from prunepeft.api import evaluate, finetune, init_regression_head, prepare_data, search
 
     torch.set_num_threads(1)
     task = T.load(job["task"], cfg.pool, cfg.eval_cap)
     model, tok = _load_model(task.num_labels, job["seed"])
+    if task.kind == "regression":  # every method: the new head starts at the mean training label
+        init_regression_head(model, task, cfg.val_examples)
     method, lr, seed, steps = job["method"], job["lr"], job["seed"], cfg.steps
     budget = budget_params(model, job["budget"]) if job["budget"] in BUDGETS else None
     row = {"variant": cfg.variant, "task": job["task"], "budget_name": job["budget"], "budget": budget or "",

@@ -6,7 +6,16 @@ extension, Triton, bitsandbytes) is missing.
 
 from __future__ import annotations
 
-from .api import SearchConfig, SearchError, SearchResult, evaluate, finetune, search, seed_everything
+from .api import (
+    SearchConfig,
+    SearchError,
+    SearchResult,
+    evaluate,
+    finetune,
+    init_regression_head,
+    search,
+    seed_everything,
+)
 from .backends import available_backends, get_backend
 from .bank import KINDS, CandidateSpec, ModuleBank
 from .criteria import CRITERIA
@@ -38,6 +47,7 @@ __all__ = [
     "evaluate",
     "export_peft",
     "finetune",
+    "init_regression_head",
     "load",
     "save",
     "search",

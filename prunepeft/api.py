@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import SearchConfig
 from .evaluation import evaluate
-from .finetune import SearchError, finetune, seed_everything
+from .finetune import SearchError, finetune, init_regression_head, seed_everything
 from .result import SearchResult
 from .scheduler import base_param_count, default_budget
 from .searcher import search
@@ -28,5 +28,6 @@ __all__ = [
     "finetune",
     "prepare_data",
     "search",
+    "init_regression_head",
     "seed_everything",
 ]

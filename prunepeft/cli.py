@@ -387,11 +387,17 @@ def _check_model(name: str, load_in_4bit: bool) -> str:
     return path
 
 
-def _load_model(name: str, task, load_in_4bit: bool = False, seed: int = 0):
-    """``(model, tokenizer)`` for ``task`` (:func:`prunepeft.models.load_model`)."""
+def _load_model(name: str, task, load_in_4bit: bool = False, seed: int = 0, val_examples=None):
+    """``(model, tokenizer)`` for ``task`` (:func:`prunepeft.models.load_model`). A regression task
+    with training data gets its new head's bias at the mean training label
+    (:func:`prunepeft.init_regression_head`; ``val_examples``: the split whose labels it skips)."""
+    from .finetune import init_regression_head
     from .models import load_model
 
-    return load_model(name, task.kind, num_labels=task.num_labels, load_in_4bit=load_in_4bit, seed=seed)
+    model, tok = load_model(name, task.kind, num_labels=task.num_labels, load_in_4bit=load_in_4bit, seed=seed)
+    if task.kind == "regression" and task.train:
+        init_regression_head(model, task, val_examples)
+    return model, tok
 
 
 DATA_OPTIONS = (
@@ -631,7 +637,7 @@ def _run_search(args, cfg: SearchConfig, task, out: Path, target: _NewOutput | N
     from .searcher import search
 
     try:
-        model, tok = _load_model(args.model, task, args.load_in_4bit, cfg.seed)
+        model, tok = _load_model(args.model, task, args.load_in_4bit, cfg.seed, cfg.val_examples)
         result = search(model, task, config=cfg, tokenizer=tok, output_dir=out, resume=resume,
                         progress=not args.quiet, log=None if args.quiet else print)  # fmt: skip
     except KeyboardInterrupt:
@@ -698,7 +704,7 @@ def _cmd_train(args) -> int:
                 alive = [c for c, w in enumerate(handle.bank.widths()) if w]
                 handle.bank.reset_parameters(alive, seed=cfg.seed + 1)
         else:
-            model, tok = _load_model(args.model, task, four_bit, cfg.seed)
+            model, tok = _load_model(args.model, task, four_bit, cfg.seed, cfg.val_examples)
         res = finetune(model, task, config=cfg, space=cfg.space, handle=handle, tokenizer=tok,
                        log=None if args.quiet else print)  # fmt: skip
         save(res["handle"], out / "weights")

