@@ -95,3 +95,37 @@ def test_bootstrap_interval(bq):
     lo, hi = bq.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0
     assert bq.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_report_shows_the_headline_without_chance_tasks_and_keeps_superseded_runs_apart(
+    bq, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    cfg = bq.QualityConfig(tasks=("SST-2", "RTE", "STS-B"), methods=("hybrid", "lora_qv"), budgets=("r8",),
+                           seeds=(0, 1), lrs=(1e-3,), chance_tasks=("RTE",))  # fmt: skip
+    values = {("SST-2", "hybrid"): (0.84, 0.86), ("SST-2", "lora_qv"): (0.82, 0.83),
+              ("RTE", "hybrid"): (0.50, 0.48), ("RTE", "lora_qv"): (0.55, 0.57),
+              ("STS-B", "hybrid"): (0.80, 0.81), ("STS-B", "lora_qv"): (0.79, 0.79)}  # fmt: skip
+    rows = []
+    for variant in ("default", "default-stsb-head0"):
+        for (task, method), vs in values.items():
+            if variant != "default" and task != "STS-B":
+                continue
+            for seed, v in enumerate(vs):
+                v = v - 0.5 * (method == "hybrid") if variant != "default" else v  # the old runs: far worse
+                rows.append({"variant": variant, "task": task, "budget_name": "r8", "budget": "73728", "method": method,
+                             "seed": str(seed), "lr": "0.001", "val": "0.5", "value": str(v), "params": "73728",
+                             "search_s": "1", "final_s": "10", "total_s": "11", "wall_s": "12", "peak_rss_mb": "900",
+                             "kept": "lora:q@0=8" if method == "hybrid" else "", "machine": "test", "commit": "x"})  # fmt: skip
+    md = bq.write_report(cfg, rows)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| hybrid − lora_qv |"))
+    assert line.startswith("| hybrid − lora_qv | +2.5 | -7.0 | +1.5 |")  # per task: SST-2, RTE, STS-B
+    # all six pairs: (+2, +3, -5, -9, +1, +2) / 6 = -1.0; without RTE: (+2, +3, +1, +2) / 4 = +2.0
+    assert "| -1.00 |" in line and line.rstrip().endswith("4/0/2 |")
+    chance = next(
+        ln for ln in md.splitlines() if ln.startswith("| hybrid − lora_qv, without RTE (at chance) |")
+    )
+    assert "| +2.00 |" in chance and chance.rstrip().endswith("4/0/0 |")
+    assert "## Earlier protocol versions" in md
+    old = next(ln for ln in md.splitlines() if ln.startswith("- `default-stsb-head0`"))
+    assert "4 runs" in old and "-48.50 points over 2 pairs (-49.0, -48.0)" in old
