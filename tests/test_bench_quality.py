@@ -129,3 +129,26 @@ def test_report_shows_the_headline_without_chance_tasks_and_keeps_superseded_run
     assert "## Earlier protocol versions" in md
     old = next(ln for ln in md.splitlines() if ln.startswith("- `default-stsb-head0`"))
     assert "4 runs" in old and "-48.50 points over 2 pairs (-49.0, -48.0)" in old
+
+
+def test_probe_cuts_a_kept_configuration_out_of_the_default_space():
+    from conftest import tiny_model
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality_probe
+    finally:
+        sys.path.remove(str(BENCH))
+    model, _ = tiny_model("bert")
+    handle = quality_probe.configuration(model, "lora:q@0=4;lora:down@1=8;serial_adapter:o@1=4", seed=0)
+    widths = {
+        f"{s.kind}:{s.role}@{s.layer}": w
+        for s, w in zip(handle.bank.specs, handle.bank.widths(), strict=True)
+    }
+    assert {k: w for k, w in widths.items() if w} == {
+        "lora:q@0": 4,
+        "lora:down@1": 8,
+        "serial_adapter:o@1": 4,
+    }
+    with pytest.raises(ValueError, match=r"not in the default search space: \['lora:q@7'\]"):
+        quality_probe.configuration(tiny_model("bert")[0], "lora:q@7=4", seed=0)
