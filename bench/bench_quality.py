@@ -14,7 +14,10 @@ Protocol (``QualityConfig``, the same for every method):
 - Every method trains ``steps`` final steps with prunepeft's loop (AdamW, 6 % warm-up + linear decay,
   clipping 1.0, batch 16, max length 64), the head included, on the training pool minus the
   validation split (``val_examples`` class-stratified examples carved out of it, the same for every
-  method and seed). The eval set is read once per run, after the final training.
+  method and seed). The eval set is read once per run, after the final training. A regression head
+  (STS-B) starts with its bias at the mean training label (``prunepeft.init_regression_head``).
+- RTE stays in every table although no method learns it at this length (``chance_tasks``); the
+  headline difference is also shown without it.
 - Learning rate: each method's is chosen per task on the validation split at seed 0 from ``lrs``
   (full fine-tuning from ``full_ft_lrs``) at the ``r8`` budget, then used for every seed and budget.
   The same rule for every method. The eval metric never chooses anything.
