@@ -261,8 +261,8 @@ def test_load_in_4bit_for_train_eval_export(glue_dir, tmp_path, monkeypatch):
     loaded = []
     real = cli._load_model
 
-    def spy(name, task, load_in_4bit=False, seed=0):
-        model, tok = real(name, task, load_in_4bit, seed)
+    def spy(name, task, load_in_4bit=False, seed=0, val_examples=None):
+        model, tok = real(name, task, load_in_4bit, seed, val_examples)
         loaded.append(any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()))
         return model, tok
 
