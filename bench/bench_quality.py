@@ -134,6 +134,17 @@ def _load_model(num_labels: int, seed: int):
     ), AutoTokenizer.from_pretrained(path)
 
 
+def model_for(task, seed: int, cfg: QualityConfig, head_mean: bool = True):
+    """``(model, tokenizer)`` for ``task``; a regression head starts at the mean training label (every
+    method alike; ``head_mean=False``: at the library's default, for the probe that measured why)."""
+    from prunepeft.api import init_regression_head
+
+    model, tok = _load_model(task.num_labels, seed)
+    if task.kind == "regression" and head_mean:
+        init_regression_head(model, task, cfg.val_examples)
+    return model, tok
+
+
 def budget_params(model, name: str) -> int:
     from prunepeft.api import default_budget
     from prunepeft.space import SearchSpace, SpaceConfig
@@ -219,13 +230,11 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
     """One (task, budget, method, seed, lr) run; returns its CSV row."""
     import torch
 
-    from prunepeft.api import evaluate, finetune, init_regression_head, prepare_data, search
+    from prunepeft.api import evaluate, finetune, prepare_data, search
 
     torch.set_num_threads(1)
     task = T.load(job["task"], cfg.pool, cfg.eval_cap)
-    model, tok = _load_model(task.num_labels, job["seed"])
-    if task.kind == "regression":  # every method: the new head starts at the mean training label
-        init_regression_head(model, task, cfg.val_examples)
+    model, tok = model_for(task, job["seed"], cfg)
     method, lr, seed, steps = job["method"], job["lr"], job["seed"], cfg.steps
     budget = budget_params(model, job["budget"]) if job["budget"] in BUDGETS else None
     row = {"variant": cfg.variant, "task": job["task"], "budget_name": job["budget"], "budget": budget or "",
@@ -520,20 +529,24 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
                 d = [x for tt, _, x in pairs if tt == t]
                 per_task.append(f"{statistics.fmean(d):+.1f}" if d else "–")
             diffs = [x for _, _, x in pairs]
-            lo, hi = bootstrap_ci(diffs)
-            w = sum(x > 0 for x in diffs)
-            loss = sum(x < 0 for x in diffs)
-            out.append(f"| {a} − {base} | " + " | ".join(per_task) + f" | {statistics.fmean(diffs):+.2f} | "
-                       f"[{lo:+.2f}, {hi:+.2f}] | {w}/{len(diffs) - w - loss}/{loss} |")  # fmt: skip
+            out.append(_pair_row(f"{a} − {base}", per_task, diffs))
             learned = [x for t, _, x in pairs if t not in cfg.chance_tasks]
             if a == "hybrid" and base == "lora_qv" and len(learned) != len(diffs) and len(learned) > 1:
-                lo, hi = bootstrap_ci(learned)
-                w, loss = sum(x > 0 for x in learned), sum(x < 0 for x in learned)
-                out.append(f"| {a} − {base}, without {', '.join(cfg.chance_tasks)} (at chance) | "
-                           + " | ".join("" if t in cfg.chance_tasks else c for t, c in zip(task_list, per_task, strict=True))
-                           + f" | {statistics.fmean(learned):+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
-                           f"{w}/{len(learned) - w - loss}/{loss} |")  # fmt: skip
+                cells = ["" if t in cfg.chance_tasks else c for t, c in zip(task_list, per_task, strict=True)]
+                out.append(
+                    _pair_row(
+                        f"{a} − {base}, without {', '.join(cfg.chance_tasks)} (at chance)", cells, learned
+                    )
+                )
     return out
+
+
+def _pair_row(label: str, cells: list[str], diffs: list[float]) -> str:
+    """One row of the paired table: per-task cells, mean, bootstrap interval, wins/ties/losses."""
+    lo, hi = bootstrap_ci(diffs)
+    w, loss = sum(x > 0 for x in diffs), sum(x < 0 for x in diffs)
+    return (f"| {label} | " + " | ".join(cells) + f" | {statistics.fmean(diffs):+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
+            f"{w}/{len(diffs) - w - loss}/{loss} |")  # fmt: skip
 
 
 #: earlier protocol versions whose rows stay in the CSV under their own variant name

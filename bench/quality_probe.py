@@ -45,7 +45,7 @@ def configuration(model, kept: str, seed: int):
 def main(argv=None) -> None:
     import torch
 
-    from prunepeft.api import finetune, init_regression_head
+    from prunepeft.api import finetune
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("uniform", "config"))
@@ -59,9 +59,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     cfg = B.QualityConfig()
     task = T.load(a.task, cfg.pool, cfg.eval_cap)
-    model, tok = B._load_model(task.num_labels, a.seed)
-    if task.kind == "regression" and a.head_bias == "mean":
-        init_regression_head(model, task, cfg.val_examples)
+    model, tok = B.model_for(task, a.seed, cfg, head_mean=a.head_bias == "mean")
     budget = B.budget_params(model, "r8")
     sc = B.search_config(cfg, lr=a.lr, seed=a.seed, budget=budget, steps=a.steps)
     if a.what == "config":

@@ -13,7 +13,7 @@ from torch import nn
 from .config import SearchConfig
 from .evaluation import evaluate
 from .space import SpaceConfig
-from .supernet import Supernet, attach
+from .supernet import DEFAULT_HEADS, Supernet, attach
 from .taskdata import BatchStream, prepare_data
 from .train import NonFiniteError, TrainState, train_steps
 
@@ -111,11 +111,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-#: names of the task-head modules whose last ``nn.Linear`` is the output layer (BERT/DeBERTa
-#: ``classifier``, RoBERTa ``classifier.out_proj``, Llama/Mistral/Qwen2 ``score``)
-HEAD_NAMES = ("classifier", "score")
-
-
 def init_regression_head(model: nn.Module, train_data, val_examples: int | float | None = None) -> bool:
     """Set a new regression head's output bias to the mean training label; returns whether it could.
 
@@ -144,13 +139,13 @@ def init_regression_head(model: nn.Module, train_data, val_examples: int | float
         raise ValueError("init_regression_head needs finite training labels, got none or a non-finite one")
     out = None
     for name, mod in model.named_modules():
-        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        if name.rsplit(".", 1)[-1] in DEFAULT_HEADS:
             linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
             out = linears[-1] if linears else None
             break
     if out is None:
         raise ValueError(
-            f"init_regression_head: the model has no linear head named {' or '.join(HEAD_NAMES)}"
+            f"init_regression_head: the model has no linear head named {' or '.join(DEFAULT_HEADS)}"
         )
     if out.out_features != 1:
         raise ValueError(

@@ -20,7 +20,9 @@ from .optim_state import check_carriable
 from .space import SearchSpace, SpaceConfig
 
 BANK_ATTR = "prunepeft_bank"
-_DEFAULT_HEADS = ("classifier", "score")
+#: the task-head modules kept trainable by default (and whose last ``nn.Linear`` is a model's output
+#: layer: BERT/DeBERTa ``classifier``, RoBERTa ``classifier.out_proj``, Llama/Mistral/Qwen2 ``score``)
+DEFAULT_HEADS = ("classifier", "score")
 
 
 class Supernet:
@@ -171,7 +173,7 @@ def attach(model: nn.Module, space: SearchSpace | SpaceConfig | None = None) -> 
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    heads = _DEFAULT_HEADS if config.trainable_modules is None else tuple(config.trainable_modules)
+    heads = DEFAULT_HEADS if config.trainable_modules is None else tuple(config.trainable_modules)
     head_params: list[nn.Parameter] = []
     found_heads = set()
     for name, mod in model.named_modules():
