@@ -124,7 +124,7 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
     ConfigFlag("stats_ema", "--stats-ema", PRUNING, "EMA factor of the statistics (default: summed)", float),
     ConfigFlag("adalora_betas", "--adalora-betas", PRUNING, "AdaLoRA's smoothing factors", float, 2,
                metavar=("B1", "B2")),
-    ConfigFlag("balance", "--balance", PRUNING, "rank scores within each layer / region (or none)",
+    ConfigFlag("balance", "--balance", PRUNING, "rank scores within each layer / region / role then layer (or none)",
                choices=BALANCES),
     ConfigFlag("normalise", "--normalise", PRUNING, "how Eq. 1 normalises each criterion",
                choices=NORMALISATIONS),

@@ -46,15 +46,18 @@ def unit_regions(bank: ModuleBank, space: SearchSpace, granularity: str) -> list
     return [cand_region[c] for c in cand_of]
 
 
-BALANCES = ("none", "layer", "region")
+BALANCES = ("none", "layer", "region", "role_layer")
 
 
 def unit_groups(bank: ModuleBank, space: SearchSpace, granularity: str, how: str) -> list:
-    """The balancing group of every unit: its layer (``layer``) or its region (``region``)."""
+    """The balancing group of every unit: its layer (``layer``), its region (``region``) or its
+    candidate kind at its site role (``role``: ``lora:q``, ``serial_adapter:down`` ...)."""
     if how == "layer":
         cand = [s.layer for s in bank.specs]
     elif how == "region":
         cand = [region_key(*space.region(s)) for s in bank.specs]
+    elif how == "role":
+        cand = [f"{s.kind}:{s.role}" for s in bank.specs]
     else:
         raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {how!r}")
     if granularity == "module":
@@ -78,6 +81,26 @@ def balance_scores(scores: torch.Tensor, groups: Sequence, eligible: torch.Tenso
         t = torch.tensor(idx)
         out[t] = _ranks(scores[t].double())
     return out
+
+
+def balanced_scores(
+    scores: torch.Tensor, bank: ModuleBank, space: SearchSpace, granularity: str, how: str, eligible: torch.Tensor
+) -> torch.Tensor:
+    """A strategy's keep scores after the ``balance`` step (``none``: unchanged).
+
+    ``role_layer``: ranks within the unit's (kind, site role) first, then ranks of those within its
+    layer. Criteria values of different shapes are not comparable (LoRA on ``down`` reads 1,536 inputs,
+    on ``q`` 384; the ``weight`` criterion's mean |w| of a kaiming-initialised A falls with the input
+    width), so the first step compares a unit only with units of its own kind and role; the second
+    keeps about the same share of every layer, as ``layer`` does. Every role then keeps about its share
+    of the supernet, every layer its share, and the criteria decide where within those.
+    """
+    if how == "none":
+        return scores
+    if how == "role_layer":
+        scores = balance_scores(scores, unit_groups(bank, space, granularity, "role"), eligible)
+        how = "layer"
+    return balance_scores(scores, unit_groups(bank, space, granularity, how), eligible)
 
 
 def unit_values(

@@ -23,9 +23,8 @@ from .hybrid import (
     NORMALISATIONS,
     Assignment,
     assign_criteria,
-    balance_scores,
+    balanced_scores,
     make_strategy,
-    unit_groups,
     unit_regions,
 )
 from .layout import Block
@@ -57,7 +56,9 @@ class PruneConfig:
         adalora_betas: AdaLoRA's (beta1, beta2) for smoothed sensitivity and uncertainty.
         balance: ``none``: units compete across the whole supernet; ``layer`` / ``region``: every
             strategy's scores become ranks within the unit's layer (or kind x depth region), so each
-            layer keeps about the same share and the strategy chooses which of its units survive.
+            layer keeps about the same share and the strategy chooses which of its units survive;
+            ``role_layer``: ranks within the unit's (kind, site role), then within its layer, so every
+            role and every layer keep about their share (see :func:`prunepeft.hybrid.balanced_scores`).
         normalise: how the hybrid strategy's Eq. 1 normalises each criterion before combining
             regions: ``minmax`` (Theta = min-max of the values) or ``rank`` (Theta = the rank).
         hybrid_criteria: the criteria the hybrid strategy may assign (None: all of them).
@@ -294,8 +295,7 @@ class Pruner:
         regions = unit_regions(bank, handle.space, g)
         eligible = self._eligible(g)
         scores = self.strategy.scores(values, regions, eligible, g)
-        if self.config.balance != "none":
-            scores = balance_scores(scores, unit_groups(bank, handle.space, g, self.config.balance), eligible)
+        scores = balanced_scores(scores, bank, handle.space, g, self.config.balance, eligible)
         names = self._unit_names(g)
         pruned_ids = []
         if handle.num_trainable() > target:

@@ -218,3 +218,29 @@ def test_balance_ranks_within_each_group():
     out = balance_scores(s, groups, eligible)
     # layer 0's best unit and layer 1's best unit both rank 1: pruning the lowest takes from each layer
     torch.testing.assert_close(out, torch.tensor([1.0, 0.0, 0.5, 0.0, 0.5, 1.0, 7.0], dtype=torch.float64))
+
+
+def test_role_layer_balance_compares_units_within_their_role_then_within_their_layer():
+    from prunepeft.hybrid import balanced_scores, unit_groups
+
+    model, _ = tiny_model("bert")  # 2 layers
+    h = attach(model, SpaceConfig(lora_targets=("q", "v"), lora_rank=4, serial_adapter_targets=(), block_size=4))
+    bank = h.bank
+    roles = unit_groups(bank, h.space, "module", "role")
+    layers = unit_groups(bank, h.space, "module", "layer")
+    assert sorted(zip(layers, roles, strict=True)) == [(0, "lora:q"), (0, "lora:v"), (1, "lora:q"), (1, "lora:v")]
+    # raw scores where every lora:v unit is far above every lora:q unit (a shape artifact): balancing by
+    # layer alone keeps v in both layers; by role first, q@1 (the better q) outranks v@1 (the worse v)
+    raw = {("lora:q", 0): 1.0, ("lora:q", 1): 2.0, ("lora:v", 0): 200.0, ("lora:v", 1): 100.0}
+    s = torch.tensor([raw[(r, l)] for r, l in zip(roles, layers, strict=True)], dtype=torch.float64)
+    eligible = torch.ones(len(s), dtype=torch.bool)
+    by_layer = balanced_scores(s, bank, h.space, "module", "layer", eligible)
+    both = balanced_scores(s, bank, h.space, "module", "role_layer", eligible)
+    want_layer = {("lora:q", 0): 0.0, ("lora:v", 0): 1.0, ("lora:q", 1): 0.0, ("lora:v", 1): 1.0}
+    # role ranks: q@0 0, q@1 1, v@0 1, v@1 0; then within each layer: layer 0 q 0 / v 1, layer 1 q 1 / v 0
+    want_both = {("lora:q", 0): 0.0, ("lora:v", 0): 1.0, ("lora:q", 1): 1.0, ("lora:v", 1): 0.0}
+    for i, key in enumerate(zip(roles, layers, strict=True)):
+        assert float(by_layer[i]) == want_layer[key] and float(both[i]) == want_both[key]
+    assert torch.equal(balanced_scores(s, bank, h.space, "module", "none", eligible), s)
+    # block granularity: every block of a candidate shares its candidate's groups
+    assert len(unit_groups(bank, h.space, "block", "role")) == int(bank.block_mask.numel())
