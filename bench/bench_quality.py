@@ -407,15 +407,16 @@ def final_rows(rows: list[dict], cfg: QualityConfig) -> dict[tuple, dict[int, di
 
 
 def paired(
-    fin: dict, task_list: list[str], budget: str, a: str, b: str, seeds
+    fin: dict, task_list: list[str], budget: str, a: str, b: str, seeds, column: str = "value"
 ) -> list[tuple[str, int, float]]:
-    """(task, seed, 100 x (a - b)) for every (task, seed) both methods have."""
+    """(task, seed, 100 x (a - b)) for every (task, seed) both methods have (``column="val"``: on the
+    validation split)."""
     out = []
     for t in task_list:
         ra, rb = fin.get((t, budget, a), {}), fin.get((t, budget, b), {})
         for s in seeds:
             if s in ra and s in rb:
-                out.append((t, s, 100 * (float(ra[s]["value"]) - float(rb[s]["value"]))))
+                out.append((t, s, 100 * (float(ra[s][column]) - float(rb[s][column]))))
     return out
 
 
@@ -478,6 +479,7 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines += ["", *_paired_table(fin, task_list, b, cfg), ""]
     lines += _cost_table(fin, task_list, cfg)
     lines += _found_table(fin, task_list, cfg)
+    lines += _variants(rows, fin, cfg)
     lines += _superseded(rows, cfg)
     md = "\n".join(lines) + "\n"
     (RESULTS / f"{cfg.csv}.md").write_text(md)
@@ -549,11 +551,60 @@ def _pair_row(label: str, cells: list[str], diffs: list[float]) -> str:
             f"{w}/{len(diffs) - w - loss}/{loss} |")  # fmt: skip
 
 
+#: search variants run through the whole protocol (``--variant NAME --search JSON``): what each changes
+PROTOCOL_VARIANTS = {
+    "role_layer": "`--search '{\"balance\": \"role_layer\"}'`: scores ranked within each (kind, site role), "
+    "then within each layer (every role and layer keep about their share of the supernet)",
+}
+
 #: earlier protocol versions whose rows stay in the CSV under their own variant name
 SUPERSEDED = {
     "default-stsb-head0": "STS-B before the regression head started at the mean training label (every method's "
     "head predicted about 0 against labels in [0, 5]; eval Pearson r stayed at 0.04-0.34 in 200 steps)",
 }
+
+
+def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
+    """Every other search variant run through this protocol (rows of its own variant name, uniform
+    baselines from this variant): its search methods against uniform LoRA q,v and this variant's own."""
+    names = sorted({r["variant"] for r in rows} - {cfg.variant, *SUPERSEDED})
+    out: list[str] = []
+    for v in names:
+        fin_v = final_rows(rows, replace(cfg, variant=v))
+        searched = [m for m in SEARCH if any(k[2] == m for k in fin_v)]
+        if not searched:
+            continue
+        both = dict(fin)
+        both.update({(t, b, f"{v}:{m}"): got for (t, b, m), got in fin_v.items()})
+        task_list = [t for t in cfg.tasks if any(k[0] == t for k in fin_v)]
+        if not out:
+            out = ["## Search variants through the whole protocol", "",
+                   "Each variant's search methods ran the protocol above with its own learning-rate choice (seed 0, "
+                   "validation split); uniform LoRA q,v and the methods it is compared with are this report's. "
+                   "Eval-set points per task and over the pairs; the last columns are the same pairs on the "
+                   "validation split, the only figures a decision may read.", ""]  # fmt: skip
+        out += [f"**`{v}`**" + (f": {PROTOCOL_VARIANTS[v]}" if v in PROTOCOL_VARIANTS else ""), "",
+                "| comparison | " + " | ".join(task_list) + " | mean | 95 % CI | W/T/L | val mean | val 95 % CI |",
+                "|---|" + "---:|" * (len(task_list) + 5)]  # fmt: skip
+        comps = [(f"{v}:{m}", base) for m in searched for base in ("lora_qv", m) if base in {k[2] for k in fin}]
+        if "hybrid" in searched and "random" in searched:
+            comps.append((f"{v}:hybrid", f"{v}:random"))
+        for a, base in comps:
+            pairs = paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds)
+            if not pairs:
+                continue
+            per_task = []
+            for t in task_list:
+                d = [x for tt, _, x in pairs if tt == t]
+                per_task.append(f"{statistics.fmean(d):+.1f}" if d else "–")
+            label = f"{a} − {base if ':' in base else f'{cfg.variant}:{base}'}"
+            row = _pair_row(label, per_task, [x for _, _, x in pairs])
+            val = [x for _, _, x in paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds, "val")]
+            lo, hi = bootstrap_ci(val)
+            out.append(row + f" {statistics.fmean(val):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
+        out.append("")
+        out += _found_table(both, task_list, cfg, method=f"{v}:hybrid")[4:]
+    return out
 
 
 def _superseded(rows: list[dict], cfg: QualityConfig) -> list[str]:
@@ -599,12 +650,12 @@ def _cost_table(fin, task_list, cfg) -> list[str]:
     return out + [""]
 
 
-def _found_table(fin, task_list, cfg) -> list[str]:
+def _found_table(fin, task_list, cfg, method: str = "hybrid") -> list[str]:
     out = ["## What the found configurations look like", "",
            "Kept width per (kind, site role) and layer, summed over the seeds' configurations and divided by "
-           "the number of seeds (hybrid, budget r8).", ""]  # fmt: skip
+           f"the number of seeds ({method}, budget r8).", ""]  # fmt: skip
     for t in task_list:
-        got = fin.get((t, SELECT_BUDGET, "hybrid"), {})
+        got = fin.get((t, SELECT_BUDGET, method), {})
         if not got:
             continue
         cells: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))

@@ -152,3 +152,36 @@ def test_probe_cuts_a_kept_configuration_out_of_the_default_space():
     }
     with pytest.raises(ValueError, match=r"not in the default search space: \['lora:q@7'\]"):
         quality_probe.configuration(tiny_model("bert")[0], "lora:q@7=4", seed=0)
+
+
+def test_report_pairs_a_protocol_variant_with_this_reports_uniform_lora_on_eval_and_validation(
+    bq, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    cfg = bq.QualityConfig(tasks=("SST-2", "BBC"), methods=("hybrid", "random", "lora_qv"), budgets=("r8",),
+                           seeds=(0, 1), lrs=(1e-3,))  # fmt: skip
+    # (variant, method) -> per (task, seed): (val, eval)
+    runs = {("default", "lora_qv"): [(0.80, 0.80), (0.82, 0.81), (0.90, 0.90), (0.92, 0.91)],
+            ("default", "hybrid"): [(0.78, 0.79), (0.80, 0.80), (0.89, 0.89), (0.90, 0.90)],
+            ("v2", "hybrid"): [(0.83, 0.82), (0.84, 0.83), (0.93, 0.92), (0.95, 0.93)],
+            ("v2", "random"): [(0.81, 0.81), (0.83, 0.82), (0.91, 0.91), (0.93, 0.92)]}  # fmt: skip
+    rows = []
+    for (variant, method), vs in runs.items():
+        for i, (val, ev) in enumerate(vs):
+            rows.append({"variant": variant, "task": ("SST-2", "BBC")[i // 2], "budget_name": "r8", "budget": "73728",
+                         "method": method, "seed": str(i % 2), "lr": "0.001", "val": str(val), "value": str(ev),
+                         "params": "73728", "search_s": "1", "final_s": "10", "total_s": "11", "wall_s": "12",
+                         "peak_rss_mb": "900", "kept": "lora:up@1=4" if method == "hybrid" else "", "machine": "t",
+                         "commit": "x"})  # fmt: skip
+    md = bq.write_report(cfg, rows)
+    assert "## Search variants through the whole protocol" in md and "**`v2`**" in md
+    lines = md.splitlines()
+    row = next(ln for ln in lines if ln.startswith("| v2:hybrid − default:lora_qv |"))
+    # eval: SST-2 (+2, +2), BBC (+2, +2) -> +2.00 over 4 pairs, all wins; val: (+3, +2, +3, +3) -> +2.75
+    assert row.startswith("| v2:hybrid − default:lora_qv | +2.0 | +2.0 | +2.00 |") and "| 4/0/0 | +2.75 |" in row
+    vs_old = next(ln for ln in lines if ln.startswith("| v2:hybrid − default:hybrid |"))
+    assert "| +3.00 |" in vs_old and vs_old.rstrip().endswith("| +4.50 | [+4.00, +5.00] |")  # eval +3 each; val 5,4,4,5
+    vs_random = next(ln for ln in lines if ln.startswith("| v2:hybrid − v2:random |"))
+    assert "| +1.00 |" in vs_random  # eval (+1, +1, +1, +1)
+    # the variant's own found configurations (v2:hybrid kept LoRA on up of layer 1, width 4 on every seed)
+    assert any(ln.startswith("| lora:up | ") and "4.0" in ln for ln in lines[lines.index("**`v2`**") :])
