@@ -526,10 +526,7 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
             pairs = paired(fin, task_list, b, a, base, cfg.seeds)
             if not pairs:
                 continue
-            per_task = []
-            for t in task_list:
-                d = [x for tt, _, x in pairs if tt == t]
-                per_task.append(f"{statistics.fmean(d):+.1f}" if d else "–")
+            per_task = _task_cells(pairs, task_list)
             diffs = [x for _, _, x in pairs]
             out.append(_pair_row(f"{a} − {base}", per_task, diffs))
             learned = [x for t, _, x in pairs if t not in cfg.chance_tasks]
@@ -540,6 +537,15 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
                         f"{a} − {base}, without {', '.join(cfg.chance_tasks)} (at chance)", cells, learned
                     )
                 )
+    return out
+
+
+def _task_cells(pairs: list[tuple[str, int, float]], task_list: list[str]) -> list[str]:
+    """The mean paired difference of each task, formatted ("–" where a task has no pair)."""
+    out = []
+    for t in task_list:
+        d = [x for tt, _, x in pairs if tt == t]
+        out.append(f"{statistics.fmean(d):+.1f}" if d else "–")
     return out
 
 
@@ -593,10 +599,7 @@ def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
             pairs = paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds)
             if not pairs:
                 continue
-            per_task = []
-            for t in task_list:
-                d = [x for tt, _, x in pairs if tt == t]
-                per_task.append(f"{statistics.fmean(d):+.1f}" if d else "–")
+            per_task = _task_cells(pairs, task_list)
             label = f"{a} − {base if ':' in base else f'{cfg.variant}:{base}'}"
             row = _pair_row(label, per_task, [x for _, _, x in pairs])
             val = [x for _, _, x in paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds, "val")]
