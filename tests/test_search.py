@@ -90,6 +90,15 @@ def test_single_criterion_and_random_strategies(strategy):
     assert res.params <= res.budget and res.assignment is None
 
 
+@pytest.mark.parametrize("balance", ["none", "layer", "region", "role_layer"])
+def test_every_balance_reaches_the_budget(balance):
+    model, _ = tiny_model("bert")
+    data = _batches()
+    res = search(model, data, None, _cfg(balance=balance, final_steps=0), log=None)
+    assert res.params <= res.budget and len(res.history) == 3
+    assert res.config["balance"] == balance
+
+
 def test_causal_lm_llama():
     model, _ = tiny_model("llama")
     from transformers import LlamaForCausalLM
