@@ -605,7 +605,10 @@ def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
             val = [x for _, _, x in paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds, "val")]
             lo, hi = bootstrap_ci(val)
             out.append(row + f" {statistics.fmean(val):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
-        out.append("")
+        out += ["", "Cost as in the cost table above (uniform LoRA's runs may come from another session at another "
+                "load, so a rough ratio):", "",
+                "| method | budget | total / LoRA training | search / final | peak RSS MB |", "|---|---|---:|---:|---:|",
+                *_cost_table(both, task_list, replace(cfg, methods=tuple(f"{v}:{m}" for m in searched)))[6:]]  # fmt: skip
         out += _found_table(both, task_list, cfg, method=f"{v}:hybrid")[4:]
     return out
 
