@@ -559,7 +559,7 @@ def _pair_row(label: str, cells: list[str], diffs: list[float]) -> str:
 
 #: search variants run through the whole protocol (``--variant NAME --search JSON``): what each changes
 PROTOCOL_VARIANTS = {
-    "role_layer": "`--search '{\"balance\": \"role_layer\"}'`: scores ranked within each (kind, site role), "
+    "role_layer": '`--search \'{"balance": "role_layer"}\'`: scores ranked within each (kind, site role), '
     "then within each layer (every role and layer keep about their share of the supernet)",
 }
 
@@ -592,7 +592,9 @@ def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
         out += [f"**`{v}`**" + (f": {PROTOCOL_VARIANTS[v]}" if v in PROTOCOL_VARIANTS else ""), "",
                 "| comparison | " + " | ".join(task_list) + " | mean | 95 % CI | W/T/L | val mean | val 95 % CI |",
                 "|---|" + "---:|" * (len(task_list) + 5)]  # fmt: skip
-        comps = [(f"{v}:{m}", base) for m in searched for base in ("lora_qv", m) if base in {k[2] for k in fin}]
+        comps = [
+            (f"{v}:{m}", base) for m in searched for base in ("lora_qv", m) if base in {k[2] for k in fin}
+        ]
         if "hybrid" in searched and "random" in searched:
             comps.append((f"{v}:hybrid", f"{v}:random"))
         for a, base in comps:

@@ -78,7 +78,11 @@ def main() -> None:
              f"{len(rows)} runs ({n_ref} reference). Differences are in points (accuracy or Pearson r x 100) of "
              "the variant's method minus uniform LoRA q,v r=8 on the same task and seed; W/L counts the pairs. "
              "No cost column: these runs shared the machine with other work at varying load.", "",
-             *table(rows), ""]  # fmt: skip
+             *table(rows), "",
+             "Variants run through the whole protocol (six tasks, five seeds, each with its own learning-rate "
+             "choice) are in the section \"Search variants through the whole protocol\" of "
+             "[quality.md](quality.md), against the same uniform LoRA q,v runs, on the eval set and the validation "
+             "split.", ""]  # fmt: skip
     path = RESULTS / "quality_variants.md"
     path.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -84,16 +84,22 @@ def balance_scores(scores: torch.Tensor, groups: Sequence, eligible: torch.Tenso
 
 
 def balanced_scores(
-    scores: torch.Tensor, bank: ModuleBank, space: SearchSpace, granularity: str, how: str, eligible: torch.Tensor
+    scores: torch.Tensor,
+    bank: ModuleBank,
+    space: SearchSpace,
+    granularity: str,
+    how: str,
+    eligible: torch.Tensor,
 ) -> torch.Tensor:
     """A strategy's keep scores after the ``balance`` step (``none``: unchanged).
 
     ``role_layer``: ranks within the unit's (kind, site role) first, then ranks of those within its
-    layer. Criteria values of different shapes are not comparable (LoRA on ``down`` reads 1,536 inputs,
-    on ``q`` 384; the ``weight`` criterion's mean |w| of a kaiming-initialised A falls with the input
-    width), so the first step compares a unit only with units of its own kind and role; the second
-    keeps about the same share of every layer, as ``layer`` does. Every role then keeps about its share
-    of the supernet, every layer its share, and the criteria decide where within those.
+    layer. Criteria values of different shapes are not comparable (LoRA on ``down`` reads 1,536
+    inputs, on ``q`` 384; the ``weight`` criterion's mean w^2 of a kaiming-uniform D, bound
+    1/sqrt(in), falls with the input width), so the first step compares a unit only with units of its
+    own kind and role; the second keeps about the same share of every layer, as ``layer`` does. Every
+    role then keeps about its share of the supernet, every layer its share, and the criteria decide
+    where within those.
     """
     if how == "none":
         return scores

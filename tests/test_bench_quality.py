@@ -178,9 +178,13 @@ def test_report_pairs_a_protocol_variant_with_this_reports_uniform_lora_on_eval_
     lines = md.splitlines()
     row = next(ln for ln in lines if ln.startswith("| v2:hybrid − default:lora_qv |"))
     # eval: SST-2 (+2, +2), BBC (+2, +2) -> +2.00 over 4 pairs, all wins; val: (+3, +2, +3, +3) -> +2.75
-    assert row.startswith("| v2:hybrid − default:lora_qv | +2.0 | +2.0 | +2.00 |") and "| 4/0/0 | +2.75 |" in row
+    assert (
+        row.startswith("| v2:hybrid − default:lora_qv | +2.0 | +2.0 | +2.00 |") and "| 4/0/0 | +2.75 |" in row
+    )
     vs_old = next(ln for ln in lines if ln.startswith("| v2:hybrid − default:hybrid |"))
-    assert "| +3.00 |" in vs_old and vs_old.rstrip().endswith("| +4.50 | [+4.00, +5.00] |")  # eval +3 each; val 5,4,4,5
+    assert "| +3.00 |" in vs_old and vs_old.rstrip().endswith(
+        "| +4.50 | [+4.00, +5.00] |"
+    )  # eval +3 each; val 5,4,4,5
     vs_random = next(ln for ln in lines if ln.startswith("| v2:hybrid − v2:random |"))
     assert "| +1.00 |" in vs_random  # eval (+1, +1, +1, +1)
     # the variant's own found configurations (v2:hybrid kept LoRA on up of layer 1, width 4 on every seed)

@@ -224,15 +224,22 @@ def test_role_layer_balance_compares_units_within_their_role_then_within_their_l
     from prunepeft.hybrid import balanced_scores, unit_groups
 
     model, _ = tiny_model("bert")  # 2 layers
-    h = attach(model, SpaceConfig(lora_targets=("q", "v"), lora_rank=4, serial_adapter_targets=(), block_size=4))
+    h = attach(
+        model, SpaceConfig(lora_targets=("q", "v"), lora_rank=4, serial_adapter_targets=(), block_size=4)
+    )
     bank = h.bank
     roles = unit_groups(bank, h.space, "module", "role")
     layers = unit_groups(bank, h.space, "module", "layer")
-    assert sorted(zip(layers, roles, strict=True)) == [(0, "lora:q"), (0, "lora:v"), (1, "lora:q"), (1, "lora:v")]
+    assert sorted(zip(layers, roles, strict=True)) == [
+        (0, "lora:q"),
+        (0, "lora:v"),
+        (1, "lora:q"),
+        (1, "lora:v"),
+    ]
     # raw scores where every lora:v unit is far above every lora:q unit (a shape artifact): balancing by
     # layer alone keeps v in both layers; by role first, q@1 (the better q) outranks v@1 (the worse v)
     raw = {("lora:q", 0): 1.0, ("lora:q", 1): 2.0, ("lora:v", 0): 200.0, ("lora:v", 1): 100.0}
-    s = torch.tensor([raw[(r, l)] for r, l in zip(roles, layers, strict=True)], dtype=torch.float64)
+    s = torch.tensor([raw[(r, layer)] for r, layer in zip(roles, layers, strict=True)], dtype=torch.float64)
     eligible = torch.ones(len(s), dtype=torch.bool)
     by_layer = balanced_scores(s, bank, h.space, "module", "layer", eligible)
     both = balanced_scores(s, bank, h.space, "module", "role_layer", eligible)
