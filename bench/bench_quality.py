@@ -607,11 +607,10 @@ def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
             val = [x for _, _, x in paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds, "val")]
             lo, hi = bootstrap_ci(val)
             out.append(row + f" {statistics.fmean(val):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
+        costs = _cost_rows(both, task_list, replace(cfg, methods=tuple(f"{v}:{m}" for m in searched)))
         out += ["", "Cost as in the cost table above (uniform LoRA's runs may come from another session at another "
-                "load, so a rough ratio):", "",
-                "| method | budget | total / LoRA training | search / final | peak RSS MB |", "|---|---|---:|---:|---:|",
-                *_cost_table(both, task_list, replace(cfg, methods=tuple(f"{v}:{m}" for m in searched)))[6:]]  # fmt: skip
-        out += _found_table(both, task_list, cfg, method=f"{v}:hybrid")[4:]
+                "load, so a rough ratio):", "", *costs, ""]  # fmt: skip
+        out += _found_table(both, task_list, cfg, method=f"{v}:hybrid", heading=False)
     return out
 
 
@@ -636,10 +635,18 @@ def _superseded(rows: list[dict], cfg: QualityConfig) -> list[str]:
 
 
 def _cost_table(fin, task_list, cfg) -> list[str]:
-    out = ["## Cost", "", "Wall time of search + final training over uniform LoRA q,v's training on the same task, "
-           "seed and budget (medians over the pairs; workers shared 2 cores, so ratios, not seconds, compare); "
-           "search / final; peak RSS of the run's process.", "",
-           "| method | budget | total / LoRA training | search / final | peak RSS MB |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    return ["## Cost", "", "Wall time of search + final training over uniform LoRA q,v's training on the same task, "
+            "seed and budget (medians over the pairs; workers shared 2 cores, so ratios, not seconds, compare); "
+            "search / final; peak RSS of the run's process.", "",
+            *_cost_rows(fin, task_list, cfg), ""]  # fmt: skip
+
+
+def _cost_rows(fin, task_list, cfg) -> list[str]:
+    """The cost table itself (header and one row per method and budget of ``cfg`` with pairs)."""
+    out = [
+        "| method | budget | total / LoRA training | search / final | peak RSS MB |",
+        "|---|---|---:|---:|---:|",
+    ]
     for b in cfg.budgets:
         for m in cfg.methods:
             ratios, sf, rss = [], [], []
@@ -655,13 +662,13 @@ def _cost_table(fin, task_list, cfg) -> list[str]:
                 out.append(f"| {m} | {b} | {statistics.median(ratios):.2f} | "
                            f"{statistics.median(sf):.2f} | {statistics.median(rss):,.0f} |" if sf else
                            f"| {m} | {b} | {statistics.median(ratios):.2f} | – | {statistics.median(rss):,.0f} |")  # fmt: skip
-    return out + [""]
+    return out
 
 
-def _found_table(fin, task_list, cfg, method: str = "hybrid") -> list[str]:
+def _found_table(fin, task_list, cfg, method: str = "hybrid", heading: bool = True) -> list[str]:
     out = ["## What the found configurations look like", "",
            "Kept width per (kind, site role) and layer, summed over the seeds' configurations and divided by "
-           f"the number of seeds ({method}, budget r8).", ""]  # fmt: skip
+           f"the number of seeds ({method}, budget r8).", ""] if heading else []  # fmt: skip
     for t in task_list:
         got = fin.get((t, SELECT_BUDGET, method), {})
         if not got:
