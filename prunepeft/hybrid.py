@@ -59,7 +59,7 @@ def unit_groups(bank: ModuleBank, space: SearchSpace, granularity: str, how: str
     elif how == "role":
         cand = [f"{s.kind}:{s.role}" for s in bank.specs]
     else:
-        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {how!r}")
+        raise ValueError(f"a balancing group is layer, region or role, got {how!r}")
     if granularity == "module":
         return cand
     return [cand[c] for c in bank.plan["block"][:, Block.CAND].tolist()]
