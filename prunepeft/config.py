@@ -45,7 +45,10 @@ class SearchConfig(PruneConfig):
             in (0, 1), or None for the default (10 %, at most 1,000); 0 for none. Every in-search
             evaluation reads it; the eval set is read once, for the final metric.
         round_eval_examples: validation examples evaluated after each round (None: all of them;
-            0: no in-search evaluation); a report, never a decision.
+            0, the default: none); a report, never a decision. Each evaluation costs about one
+            training step per 64 examples, so it is off by default (the search is meant to cost little
+            more than its final training); the found configuration is evaluated on the validation
+            split after the final training either way.
         max_bad_steps: consecutive non-finite steps tolerated before the search stops.
         task_kind: for pre-batched data: classification, regression or causal_lm.
     """
@@ -66,7 +69,7 @@ class SearchConfig(PruneConfig):
     final_init: str = "reinit"
     final_lr: float | None = None
     val_examples: int | float | None = None
-    round_eval_examples: int | None = 64
+    round_eval_examples: int | None = 0
     max_bad_steps: int = 10
     task_kind: str | None = None
 

@@ -100,7 +100,8 @@ def test_cli_search_is_reproducible_in_fresh_processes(glue_dir, tmp_path):
         cmd = [sys.executable, "-m", "prunepeft", "search", "--model", "minilm", "--train", str(rte / "train.tsv"),
                "--eval", str(rte / "dev.tsv"), "--out", str(out), "--seed", "3", "--granularity", "block",
                "--max-examples", "64", "--max-length", "32", "--batch-size", "8", "--rounds", "2",
-               "--steps-per-round", "2", "--warmup-steps", "2", "--final-steps", "2", "--quiet"]  # fmt: skip
+               "--steps-per-round", "2", "--warmup-steps", "2", "--final-steps", "2", "--round-eval-examples", "8",
+               "--quiet"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=600)
         results.append(json.loads((out / "result.json").read_text()))

@@ -317,3 +317,21 @@ def test_result_reports_the_cost_of_every_part(tmp_path):
     assert parts <= res.search_seconds * 1.05 + 0.05
     assert "## Cost" in (tmp_path / "run" / "report.md").read_text()
     assert SearchResult.load(tmp_path / "run").costs == res.costs
+
+
+def test_in_search_evaluation_is_off_by_default_and_decides_nothing():
+    """round_eval_examples only adds a report: the same search with and without it keeps the same units,
+    assignment and losses (evaluation draws no random numbers and touches no statistic)."""
+    assert SearchConfig().round_eval_examples == 0
+    data = _batches()
+    runs = []
+    for n in (0, 8):
+        model, _ = tiny_model("bert")
+        runs.append(search(model, data, data[:2], _cfg(granularity="block", val_examples=8, round_eval_examples=n),
+                           log=None))  # fmt: skip
+    off, on = runs
+    assert off.kept == on.kept and off.assignment == on.assignment
+    assert [h["loss"] for h in off.history] == [h["loss"] for h in on.history]
+    assert off.final["loss"] == on.final["loss"] and off.final["val_metrics"] == on.final["val_metrics"]
+    assert all(not h["eval"] for h in off.history) and all(h["eval"] for h in on.history)
+    assert "evaluation" not in off.costs or off.costs["evaluation"] == 0.0
