@@ -521,8 +521,8 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
             *CONTROLS,
             "adalora",
         ):
-            if a == base or (a != "hybrid" and base != "lora_qv"):
-                continue
+            if a == base or (a != "hybrid" and base not in ("lora_qv", "random")):
+                continue  # single criteria: against uniform LoRA and random (the paper's single > random)
             pairs = paired(fin, task_list, b, a, base, cfg.seeds)
             if not pairs:
                 continue
