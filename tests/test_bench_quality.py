@@ -73,7 +73,8 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
             rows.append({k: str(v) for k, v in row.items()} | {"machine": "test", "commit": "x"})
     md = bq.write_report(cfg, rows)
     assert "| hybrid |" in md and "hybrid − lora_qv" in md and "best uniform in hindsight" in md
-    for single in ("taylor", "gradient", "activation", "weight"):  # the paper's order: hybrid > single > random
+    # the paper's ablation order, hybrid > single > random, needs every one of these pairs
+    for single in ("taylor", "gradient", "activation", "weight"):
         assert f"hybrid − {single} |" in md and f"{single} − lora_qv |" in md and f"{single} − random |" in md
     assert "## Cost" in md and "What the found configurations look like" in md
     assert (bq.RESULTS / "smoke.md").exists() and (bq.RESULTS / "smoke.png").exists()
