@@ -94,6 +94,23 @@ def test_learning_rate_is_chosen_on_the_validation_split_only(bq):
         ("r8", 1, 0.003), ("r8", 2, 0.003), ("r2", 0, 0.003), ("r2", 1, 0.003), ("r2", 2, 0.003)}  # fmt: skip
 
 
+def test_oracle_is_the_best_uniform_configuration_on_the_seeds_all_of_them_share(bq):
+    def row(v):
+        return {"value": str(v)}
+
+    cfg = bq.QualityConfig(seeds=(0, 1, 2, 3, 4))
+    fin = {("T", "r8", "lora_qv"): {s: row(0.80) for s in range(5)},
+           ("T", "r8", "lora_all"): {0: row(0.82), 1: row(0.82), 2: row(0.79)},  # mean 81.0 over seeds 0-2
+           ("T", "r8", "serial_ffn"): {0: row(0.99), 1: row(0.99)},  # lacks seed 2: cannot compete
+           ("T", "r8", "hybrid"): {s: row(0.81) for s in range(5)}}  # fmt: skip
+    m, mean = bq.oracle_choice(fin, "T", "r8", cfg)
+    assert m == "lora_all" and mean == pytest.approx(81.0)
+    pairs = bq._oracle_pairs(fin, ["T"], "r8", "hybrid", cfg)
+    assert [(s, round(x, 6)) for _, s, x in pairs] == [(0, -1.0), (1, -1.0), (2, 2.0)]
+    assert "81.0 (lora_all)" in bq._oracle_row(fin, ["T"], "r8", cfg)[0]
+    assert bq.oracle_choice({}, "T", "r8", cfg) is None
+
+
 def test_bootstrap_interval(bq):
     lo, hi = bq.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0
