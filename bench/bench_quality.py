@@ -69,6 +69,7 @@ SEARCH = (
     "threshold",
 )  # prunepeft strategies ("adalora_crit": the adalora criterion)
 UNIFORM = ("lora_qv", "lora_qkvo", "lora_all", "serial_ffn")
+SINGLE = ("taylor", "gradient", "activation", "weight")  # the protocol's single criteria
 # a control: uniform LoRA q,v trained for the final steps plus the search's own steps (the same number of
 # training batches as a search whose found configuration continues from the search's weights)
 CONTROLS = ("lora_qv_same_total",)
@@ -308,7 +309,7 @@ def selected_lr(rows: list[dict], cfg: QualityConfig, task: str, method: str) ->
 #: the order runs are made in (an interrupted protocol has the headline comparison first): the method's
 #: group, then its learning-rate grid before its other seeds, then the smaller budget last
 PRIORITY = (("hybrid", "lora_qv"), ("random", "lora_qkvo", "lora_all", "serial_ffn"),
-            ("taylor", "gradient", "activation", "weight"), ("adalora", "full_ft", "lora_qv_same_total"))  # fmt: skip
+            SINGLE, ("adalora", "full_ft", "lora_qv_same_total"))  # fmt: skip
 
 
 def _priority(method: str) -> int:
@@ -534,20 +535,12 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
            "mean over the pairs, 95 % bootstrap interval (10,000 resamples of the pairs), wins/ties/losses of the pairs.", "",
            "| comparison | " + " | ".join(task_list) + " | mean | 95 % CI | W/T/L |",
            "|---|" + "---:|" * (len(task_list) + 3)]  # fmt: skip
-    for a in ("hybrid", "random", "taylor", "gradient", "activation", "weight"):
-        for base in (
-            "lora_qv",
-            "random",
-            "taylor",
-            "gradient",
-            "activation",
-            "weight",
-            *UNIFORM[1:],
-            *CONTROLS,
-            "adalora",
-        ):
-            if a == base or (a != "hybrid" and base not in ("lora_qv", "random")):
-                continue  # single criteria: against uniform LoRA and random (the paper's single > random)
+    for a in ("hybrid", "random", *SINGLE, *UNIFORM[1:]):
+        for base in ("lora_qv", "random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora"):
+            # every method against uniform LoRA q,v; single criteria also against random (the paper's
+            # single > random); hybrid against everything
+            if a == base or (a != "hybrid" and base != "lora_qv" and not (a in SINGLE and base == "random")):
+                continue
             pairs = paired(fin, task_list, b, a, base, cfg.seeds)
             if not pairs:
                 continue
@@ -583,8 +576,9 @@ def _task_cells(pairs: list[tuple[str, int, float]], task_list: list[str]) -> li
 def _pair_row(label: str, cells: list[str], diffs: list[float]) -> str:
     """One row of the paired table: per-task cells, mean, bootstrap interval, wins/ties/losses."""
     lo, hi = bootstrap_ci(diffs)
+    ci = f"[{lo:+.2f}, {hi:+.2f}]" if len(diffs) > 1 else "– (1 pair)"
     w, loss = sum(x > 0 for x in diffs), sum(x < 0 for x in diffs)
-    return (f"| {label} | " + " | ".join(cells) + f" | {statistics.fmean(diffs):+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
+    return (f"| {label} | " + " | ".join(cells) + f" | {statistics.fmean(diffs):+.2f} | {ci} | "
             f"{w}/{len(diffs) - w - loss}/{loss} |")  # fmt: skip
 
 
@@ -736,10 +730,7 @@ def _plot(fin, task_list, cfg) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    comps = [
-        m
-        for m in ("random", "taylor", "gradient", "activation", "weight", *UNIFORM[1:], *CONTROLS, "adalora")
-    ]
+    comps = [m for m in ("random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora")]
     fig, axes = plt.subplots(1, len(cfg.budgets), figsize=(6 * len(cfg.budgets), 4), squeeze=False)
     for ax, b in zip(axes[0], cfg.budgets, strict=True):
         for i, m in enumerate(["hybrid", *comps]):

@@ -76,6 +76,8 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
     # the paper's ablation order, hybrid > single > random, needs every one of these pairs
     for single in ("taylor", "gradient", "activation", "weight"):
         assert f"hybrid − {single} |" in md and f"{single} − lora_qv |" in md and f"{single} − random |" in md
+    for uniform in ("lora_qkvo", "lora_all", "serial_ffn"):  # is the space the problem? uniform peers
+        assert f"{uniform} − lora_qv |" in md and f"hybrid − {uniform} |" in md
     assert "## Cost" in md and "What the found configurations look like" in md
     assert (bq.RESULTS / "smoke.md").exists() and (bq.RESULTS / "smoke.png").exists()
 
