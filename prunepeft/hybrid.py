@@ -46,7 +46,7 @@ def unit_regions(bank: ModuleBank, space: SearchSpace, granularity: str) -> list
     return [cand_region[c] for c in cand_of]
 
 
-BALANCES = ("none", "layer", "region", "role_layer")
+BALANCES = ("none", "layer", "region", "role_layer", "spread")
 
 
 def unit_groups(bank: ModuleBank, space: SearchSpace, granularity: str, how: str) -> list:
@@ -83,6 +83,23 @@ def balance_scores(scores: torch.Tensor, groups: Sequence, eligible: torch.Tenso
     return out
 
 
+def spread_scores(scores: torch.Tensor, cand_of: Sequence[int], eligible: torch.Tensor) -> torch.Tensor:
+    """Block scores in [0, 1] ordered first by the block's place among its candidate's eligible blocks
+    (its best-scoring block first), then by score: ``score - 2 * place``. Pruning the lowest takes the
+    weakest last block of any candidate before any candidate's best, so the budget spreads over many
+    sites at a low rank, and the scores decide which sites get a second (third ...) rank. Uniform LoRA
+    of rank 1 on every linear beat rank 8 on q,v at a smaller size in the quality protocol, and ranks
+    alone keep whole candidates together (a candidate's blocks score alike)."""
+    out = scores.clone().double()
+    by_cand: dict[int, list[int]] = {}
+    for i in eligible.nonzero().flatten().tolist():
+        by_cand.setdefault(cand_of[i], []).append(i)
+    for idx in by_cand.values():
+        for place, i in enumerate(sorted(idx, key=lambda j: (-float(scores[j]), j))):
+            out[i] = float(scores[i]) - 2.0 * place
+    return out
+
+
 def balanced_scores(
     scores: torch.Tensor,
     bank: ModuleBank,
@@ -92,6 +109,9 @@ def balanced_scores(
     eligible: torch.Tensor,
 ) -> torch.Tensor:
     """A strategy's keep scores after the ``balance`` step (``none``: unchanged).
+
+    ``spread`` (blocks): ``role_layer``'s scores, then :func:`spread_scores`: every candidate keeps
+    its best block before any candidate keeps a second one (at module granularity: ``role_layer``).
 
     ``role_layer``: ranks within the unit's (kind, site role) first, then ranks of those within its
     layer. Criteria values of different shapes are not comparable (LoRA on ``down`` reads 1,536
@@ -103,6 +123,11 @@ def balanced_scores(
     """
     if how == "none":
         return scores
+    if how == "spread":
+        scores = balanced_scores(scores, bank, space, granularity, "role_layer", eligible)
+        if granularity == "module":
+            return scores
+        return spread_scores(scores, bank.plan["block"][:, Block.CAND].tolist(), eligible)
     if how == "role_layer":
         scores = balance_scores(scores, unit_groups(bank, space, granularity, "role"), eligible)
         how = "layer"

@@ -58,7 +58,9 @@ class PruneConfig:
             strategy's scores become ranks within the unit's layer (or kind x depth region), so each
             layer keeps about the same share and the strategy chooses which of its units survive;
             ``role_layer``: ranks within the unit's (kind, site role), then within its layer, so every
-            role and every layer keep about their share (see :func:`prunepeft.hybrid.balanced_scores`).
+            role and every layer keep about their share (see :func:`prunepeft.hybrid.balanced_scores`);
+            ``spread``: ``role_layer``, then every candidate keeps its best block before any keeps a
+            second (the budget spreads over many sites at a low rank).
         normalise: how the hybrid strategy's Eq. 1 normalises each criterion before combining
             regions: ``minmax`` (Theta = min-max of the values) or ``rank`` (Theta = the rank).
         hybrid_criteria: the criteria the hybrid strategy may assign (None: all of them).

@@ -251,3 +251,20 @@ def test_role_layer_balance_compares_units_within_their_role_then_within_their_l
     assert torch.equal(balanced_scores(s, bank, h.space, "module", "none", eligible), s)
     # block granularity: every block of a candidate shares its candidate's groups
     assert len(unit_groups(bank, h.space, "block", "role")) == int(bank.block_mask.numel())
+
+
+def test_spread_keeps_every_candidate_best_block_before_any_second_one():
+    from prunepeft.hybrid import spread_scores
+
+    # candidates 0 (blocks 0-2), 1 (blocks 3-4), 2 (block 5, not eligible: pruned already)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.5], dtype=torch.float64)
+    cand_of = [0, 0, 0, 1, 1, 2]
+    eligible = torch.tensor([True, True, True, True, True, False])
+    out = spread_scores(scores, cand_of, eligible)
+    # places: cand 0 -> 0.9 first, 0.8 second, 0.7 third; cand 1 -> 0.2 first, 0.1 second
+    assert out.tolist() == pytest.approx([0.9, 0.8 - 2, 0.7 - 4, 0.1 - 2, 0.2, 0.5])
+    # pruning the lowest: cand 0's third block, then cand 1's second (0.1 < 0.8), then cand 0's second;
+    # the low-scoring candidate 1 keeps its best block while candidate 0 is cut to one
+    assert torch.argsort(out[:5]).tolist() == [2, 3, 1, 4, 0]
+    # a plain rank order would take candidate 1 whole before touching candidate 0
+    assert torch.argsort(scores[:5]).tolist()[:2] == [3, 4]

@@ -13,6 +13,7 @@ from conftest import tiny_model
 from prunepeft import SpaceConfig
 from prunepeft.api import SearchConfig, SearchError, SearchResult, search
 from prunepeft.criteria import CRITERIA
+from prunepeft.hybrid import BALANCES
 from prunepeft.pruner import Pruner
 from prunepeft.scheduler import lr_at, resolve_budget, round_targets
 
@@ -90,7 +91,7 @@ def test_single_criterion_and_random_strategies(strategy):
     assert res.params <= res.budget and res.assignment is None
 
 
-@pytest.mark.parametrize("balance", ["none", "layer", "region", "role_layer"])
+@pytest.mark.parametrize("balance", BALANCES)
 def test_every_balance_reaches_the_budget(balance):
     model, _ = tiny_model("bert")
     data = _batches()
