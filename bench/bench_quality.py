@@ -591,6 +591,10 @@ PROTOCOL_VARIANTS = {
     "can spread rank 1-3 over many sites: uniform LoRA r=1 on every linear (41,472 parameters) beat LoRA "
     "r=8 on q,v on the validation split by +1.77 [+0.51, +3.44] over 18 pairs, and blocks of 4 cannot "
     "express it",
+    "block1_spread": '`--search \'{"balance": "spread", "space": {..., "block_size": 1}}\'`: block1_role_layer, '
+    "then every candidate keeps its best rank before any keeps a second (the budget spreads over every site "
+    "at rank 1-2, the criteria choose which sites get more); block1_role_layer's found configurations kept "
+    "25-29 of 48 sites where random pruning kept 36-39",
 }
 
 #: earlier protocol versions whose rows stay in the CSV under their own variant name
