@@ -535,12 +535,12 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
            "mean over the pairs, 95 % bootstrap interval (10,000 resamples of the pairs), wins/ties/losses of the pairs.", "",
            "| comparison | " + " | ".join(task_list) + " | mean | 95 % CI | W/T/L |",
            "|---|" + "---:|" * (len(task_list) + 3)]  # fmt: skip
+    # every method against uniform LoRA q,v; single criteria also against random (the paper's
+    # single > random); hybrid against everything
+    everything = ("lora_qv", "random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora")
     for a in ("hybrid", "random", *SINGLE, *UNIFORM[1:]):
-        for base in ("lora_qv", "random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora"):
-            # every method against uniform LoRA q,v; single criteria also against random (the paper's
-            # single > random); hybrid against everything
-            if a == base or (a != "hybrid" and base != "lora_qv" and not (a in SINGLE and base == "random")):
-                continue
+        bases = everything if a == "hybrid" else ("lora_qv", "random") if a in SINGLE else ("lora_qv",)
+        for base in bases:
             pairs = paired(fin, task_list, b, a, base, cfg.seeds)
             if not pairs:
                 continue
@@ -734,7 +734,7 @@ def _plot(fin, task_list, cfg) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    comps = [m for m in ("random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora")]
+    comps = ["random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora"]
     fig, axes = plt.subplots(1, len(cfg.budgets), figsize=(6 * len(cfg.budgets), 4), squeeze=False)
     for ax, b in zip(axes[0], cfg.budgets, strict=True):
         for i, m in enumerate(["hybrid", *comps]):

@@ -37,13 +37,17 @@ def region_key(kind: str, partition: int) -> str:
     return f"{kind}@{partition}"
 
 
+def block_candidates(bank: ModuleBank) -> list[int]:
+    """The candidate of every current block."""
+    return bank.plan["block"][:, Block.CAND].tolist()
+
+
 def unit_regions(bank: ModuleBank, space: SearchSpace, granularity: str) -> list[str]:
     """The region of every unit (current blocks, or candidates)."""
     cand_region = [region_key(*space.region(s)) for s in bank.specs]
     if granularity == "module":
         return cand_region
-    cand_of = bank.plan["block"][:, Block.CAND].tolist()
-    return [cand_region[c] for c in cand_of]
+    return [cand_region[c] for c in block_candidates(bank)]
 
 
 BALANCES = ("none", "layer", "region", "role_layer", "spread")
@@ -62,7 +66,7 @@ def unit_groups(bank: ModuleBank, space: SearchSpace, granularity: str, how: str
         raise ValueError(f"a balancing group is layer, region or role, got {how!r}")
     if granularity == "module":
         return cand
-    return [cand[c] for c in bank.plan["block"][:, Block.CAND].tolist()]
+    return [cand[c] for c in block_candidates(bank)]
 
 
 def balance_scores(scores: torch.Tensor, groups: Sequence, eligible: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,7 @@ def balanced_scores(
         scores = balanced_scores(scores, bank, space, granularity, "role_layer", eligible)
         if granularity == "module":
             return scores
-        return spread_scores(scores, bank.plan["block"][:, Block.CAND].tolist(), eligible)
+        return spread_scores(scores, block_candidates(bank), eligible)
     if how == "role_layer":
         scores = balance_scores(scores, unit_groups(bank, space, granularity, "role"), eligible)
         how = "layer"

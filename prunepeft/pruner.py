@@ -24,10 +24,10 @@ from .hybrid import (
     Assignment,
     assign_criteria,
     balanced_scores,
+    block_candidates,
     make_strategy,
     unit_regions,
 )
-from .layout import Block
 from .scheduler import round_targets
 from .supernet import Supernet
 
@@ -343,7 +343,7 @@ class Pruner:
             return [s.name for s in bank.specs]
         out = []
         orig = bank.orig_block.tolist()
-        for b, c in enumerate(bank.plan["block"][:, Block.CAND].tolist()):
+        for b, c in enumerate(block_candidates(bank)):
             out.append(f"{bank.specs[c].name}#{orig[b]}")
         return out
 
