@@ -481,6 +481,7 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines += ["", *_paired_table(fin, task_list, b, cfg), ""]
     lines += _cost_table(fin, task_list, cfg)
     lines += _found_table(fin, task_list, cfg)
+    lines += _budget_spread(rows, fin, cfg)
     lines += _variants(rows, fin, cfg)
     lines += _superseded(rows, cfg)
     md = "\n".join(lines) + "\n"
@@ -710,11 +711,9 @@ def _found_table(fin, task_list, cfg, method: str = "hybrid", heading: bool = Tr
         cells: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
         layers: set[int] = set()
         for r in got.values():
-            for item in filter(None, r["kept"].split(";")):
-                what, w = item.rsplit("=", 1)
-                kind_role, layer = what.rsplit("@", 1)
-                cells[kind_role][int(layer)] += int(w) / len(got)
-                layers.add(int(layer))
+            for kind, role, layer, w in _kept_sites(r["kept"]):
+                cells[f"{kind}:{role}"][layer] += w / len(got)
+                layers.add(layer)
         cols = sorted(layers)
         out += [f"**{t}**", "", "| kind:role | " + " | ".join(f"L{c}" for c in cols) + " |",
                 "|---|" + "---:|" * len(cols)]  # fmt: skip
@@ -724,6 +723,65 @@ def _found_table(fin, task_list, cfg, method: str = "hybrid", heading: bool = Tr
             )
         out.append("")
     return out
+
+
+#: site roles of a transformer layer's feed-forward block (the rest of a LoRA's roles are attention's)
+FFN_ROLES = ("up", "down", "gate")
+
+
+def _kept_sites(kept: str) -> list[tuple[str, str, int, int]]:
+    """(kind, role, layer, width) of every site a run's ``kept`` column keeps."""
+    out = []
+    for item in filter(None, kept.split(";")):
+        what, w = item.rsplit("=", 1)
+        kind_role, layer = what.rsplit("@", 1)
+        kind, role = kind_role.split(":", 1)
+        if int(w):
+            out.append((kind, role, int(layer), int(w)))
+    return out
+
+
+def _budget_spread(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
+    """Per variant and search method (budget r8, every task but the chance ones): how many sites the
+    found configurations keep, how their kept width splits over kinds and depth, and their mean paired
+    difference against this report's uniform LoRA q,v (eval and validation split)."""
+    tasks = [t for t in cfg.tasks if t not in cfg.chance_tasks]
+    table = []
+    for v in [cfg.variant, *sorted({r["variant"] for r in rows} - {cfg.variant, *SUPERSEDED})]:
+        fin_v = fin if v == cfg.variant else final_rows(rows, replace(cfg, variant=v))
+        for m in SEARCH:
+            runs = [
+                (t, s, r) for t in tasks for s, r in fin_v.get((t, SELECT_BUDGET, m), {}).items() if r["kept"]
+            ]
+            if not runs:
+                continue
+            n_sites, share, diffs = [], defaultdict(float), defaultdict(list)
+            for t, s, r in runs:
+                sites = _kept_sites(r["kept"])
+                n_sites.append(len(sites))
+                total, top = sum(w for *_, w in sites), max(layer for _, _, layer, _ in sites)
+                for kind, role, layer, w in sites:
+                    group = kind if kind != "lora" else "FFN LoRA" if role in FFN_ROLES else "attention LoRA"
+                    share[group] += w / total / len(runs)
+                    share["lower half"] += w / total / len(runs) * (layer < (top + 1) / 2)
+                ref = fin.get((t, SELECT_BUDGET, "lora_qv"), {}).get(s)
+                for col in ("value", "val") if ref else ():
+                    diffs[col].append(100 * (float(r[col]) - float(ref[col])))
+            other = max(0.0, 1 - share["attention LoRA"] - share["FFN LoRA"] - share["serial_adapter"])
+            mean = {c: f"{statistics.fmean(diffs[c]):+.2f}" if diffs[c] else "–" for c in ("value", "val")}
+            table.append(f"| {v} | {m} | {len(runs)} | {statistics.median(n_sites):g} ({min(n_sites)}–{max(n_sites)}) | "
+                         f"{share['attention LoRA']:.0%} | {share['FFN LoRA']:.0%} | {share['serial_adapter']:.0%} | "
+                         f"{other:.0%} | {share['lower half']:.0%} | {mean['value']} | {mean['val']} |")  # fmt: skip
+    if not table:
+        return []
+    return ["## Where the budget goes", "",
+            "Per variant and search method, over every task but the chance ones and every seed at budget r8: sites "
+            "the found configuration keeps (median, range), the share of its kept width by kind and in the lower "
+            "half of the layers (mean over runs), and its mean difference to uniform LoRA q,v on the same task and "
+            "seed (points; eval set, and validation split).", "",
+            "| variant | method | runs | sites kept | attention LoRA | FFN LoRA | serial adapters | other kinds | "
+            "lower half | eval − lora_qv | val − lora_qv |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|", *table, ""]  # fmt: skip
 
 
 def _plot(fin, task_list, cfg) -> None:

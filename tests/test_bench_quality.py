@@ -211,3 +211,40 @@ def test_report_pairs_a_protocol_variant_with_this_reports_uniform_lora_on_eval_
     assert "| +1.00 |" in vs_random  # eval (+1, +1, +1, +1)
     # the variant's own found configurations (v2:hybrid kept LoRA on up of layer 1, width 4 on every seed)
     assert any(ln.startswith("| lora:up | ") and "4.0" in ln for ln in lines[lines.index("**`v2`**") :])
+
+
+def test_budget_spread_counts_sites_kind_shares_and_depth_of_the_found_configurations(
+    bq, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    cfg = bq.QualityConfig(tasks=("SST-2", "RTE"), methods=("hybrid", "lora_qv"), budgets=("r8",), seeds=(0, 1),
+                           lrs=(1e-3,), chance_tasks=("RTE",))  # fmt: skip
+    kept = {0: "lora:q@0=4;lora:up@1=2;serial_adapter:o@1=2", 1: "lora:v@1=6;lora:down@0=2;lora:k@1=0"}
+    rows = []
+    for task in ("SST-2", "RTE"):
+        for method, vals in (("lora_qv", (0.80, 0.82)), ("hybrid", (0.83, 0.81))):
+            for seed, v in enumerate(vals):
+                rows.append({"variant": "default", "task": task, "budget_name": "r8", "budget": "73728",
+                             "method": method, "seed": str(seed), "lr": "0.001", "val": str(v - 0.01),
+                             "value": str(v), "params": "73728", "search_s": "1", "final_s": "10", "total_s": "11",
+                             "wall_s": "12", "peak_rss_mb": "900", "kept": kept[seed] if method == "hybrid" else "",
+                             "machine": "t", "commit": "x"})  # fmt: skip
+    md = bq.write_report(cfg, rows)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| default | hybrid |"))
+    # RTE (a chance task) is left out: 2 runs. Sites 3 and 2 (a width-0 site is not kept). Attention LoRA
+    # (4/8 + 6/8) / 2 = 62 %; FFN LoRA (2/8 + 2/8) / 2 = 25 %; serial adapters (2/8 + 0) / 2 = 12 %; lower
+    # half (layer 0 of 0-1): (4/8 + 2/8) / 2 = 38 %; eval (+3, -1) -> +1.00, val the same pairs.
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == [
+        "default",
+        "hybrid",
+        "2",
+        "2.5 (2–3)",
+        "62%",
+        "25%",
+        "12%",
+        "0%",
+        "38%",
+        "+1.00",
+        "+1.00",
+    ]
