@@ -15,9 +15,11 @@ sites that carry candidates in that state, each site's LoRA rank chosen so its p
 state's parameters at that site (adapter parameters included: peft LoRA has no serial adapters, so
 their site gets the LoRA of the same count); ranks are integers, the largest-remainder rounding
 keeps the total within one rank of a site of the state's. For ``lora_qv_r8`` that is peft LoRA r=8
-on q, v itself. Ablations of the full supernet: ``full_per_site`` (the reference path without the
-layout groups' shared down-projection GEMM) and ``full_narrow_per_site`` (also without the
-one-buffer gradient path: every slab a plain ``flat.narrow`` view, as before issue 12).
+on q, v itself. Ablations of the full supernet: ``full_unfused`` (each site's bottleneck output
+added to its linear's output by a separate add, not inside the up-projection GEMM),
+``full_per_site`` (the reference path without the layout groups' shared down-projection GEMM) and
+``full_narrow_per_site`` (none of the three: also every slab a plain ``flat.narrow`` view, as before
+issue 12).
 
 Step time, per variant and thread count (1 and 2): the median of ``--repeat`` training steps
 (zero_grad, forward, backward, AdamW step) after ``--warmup`` steps, every variant in this process,
@@ -52,6 +54,7 @@ size + 10 %. On a shared, loaded machine the times are noisy: read them as such.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import gc
@@ -217,12 +220,12 @@ def variants(states: list[dict], quick: bool) -> list[dict]:
     for st in states:
         out.append(dict(variant=f"supernet_{st['state']}", kind="supernet", **st))
         if st["state"] == "full":
-            extra = [("full_narrow_per_site", True, True)] if quick else [
-                ("full_per_site", False, True), ("full_narrow_per_site", True, True)]  # fmt: skip
-            for name, narrow, per_site in extra:
-                out.append(
-                    dict(variant=f"supernet_{name}", kind="supernet", narrow=narrow, per_site=per_site, **st)
-                )
+            extra = [("full_narrow_per_site", True, True, True)] if quick else [
+                ("full_unfused", False, False, True), ("full_per_site", False, True, False),
+                ("full_narrow_per_site", True, True, True)]  # fmt: skip
+            for name, narrow, per_site, unfused in extra:
+                out.append(dict(variant=f"supernet_{name}", kind="supernet", narrow=narrow, per_site=per_site,
+                                unfused=unfused, **st))  # fmt: skip
         peft_name = "peft_lora_qv_r8" if st["state"] == "lora_qv_r8" else f"peft_equal_{st['state']}"
         out.append(dict(variant=peft_name, kind="peft", **st))
     return out
@@ -285,6 +288,25 @@ class _Traffic:
         self.mode, self.alloc, self.written = Mode(), 0, 0
 
 
+@contextlib.contextmanager
+def _unfused_residual():
+    """The reference path as before the fused residual: ``y + bottleneck`` as two ops (for this
+    variant's forwards only; the variants take turns, so the others keep the fused path)."""
+    import prunepeft.ops as ops
+
+    fused = ops._up
+
+    def up(h, ut, pieces, unit_scale, h_abs_sum, acc=None):
+        out = fused(h, ut, pieces, unit_scale, h_abs_sum)
+        return out if acc is None else acc + out.to(acc.dtype)
+
+    ops._up = up
+    try:
+        yield
+    finally:
+        ops._up = fused
+
+
 def prepare(v: dict, base, batch, device: str):
     """Variant ``v`` on a copy of ``base``: ``(step, trainable, bank)``, ``step()`` one training step."""
     model = copy.deepcopy(base).to(device)
@@ -299,13 +321,16 @@ def prepare(v: dict, base, batch, device: str):
         bank, trainable = handle.bank, handle.num_trainable()
         params = list(handle.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
+    unfused = contextlib.nullcontext if not v.get("unfused") else _unfused_residual
 
     def step(mode: str = "train"):
         """``train``: one training step; ``search``: with the scoring pass a search round runs
         between backward and the optimizer step; ``backward``: forward and backward only."""
         if mode != "backward":
             opt.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        with unfused():
+            loss = model(**batch).loss
+        loss.backward()
         if mode == "search" and bank is not None:
             bank.accumulate_stats()
         if mode != "backward":

@@ -474,12 +474,14 @@ class ModuleBank(BankStatistics, nn.Module):
             k += n
         return views[0], sites, layout, self.unit_scale.narrow(0, unit0, layout.width)
 
-    def stash_group_outputs(self, gid: int, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
-        """Keep the outputs a group launch computed for ``site``'s siblings until they are called
-        with the same tensor ``x`` (at most one pending group per bank: this replaces any other)."""
+    def stash_group_outputs(self, gid: int, x: torch.Tensor, outputs: dict) -> None:
+        """Keep the outputs a group launch computed for ``site``'s siblings (tensors, or on the
+        reference path pending up-projections: see :meth:`prunepeft.modules.BottleneckSite._group_forward`) until they
+        are called with the same tensor ``x`` (at most one pending group per bank: this replaces any
+        other)."""
         self._pending = (gid, x, torch.is_grad_enabled(), dict(outputs)) if outputs else None
 
-    def take_group_output(self, site: str, x: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    def take_group_output(self, site: str, x: torch.Tensor) -> tuple[bool, object]:
         """``(pending, output)`` for ``site`` called on ``x``.
 
         ``pending`` is False when no output of ``site`` is pending (the caller launches the group);

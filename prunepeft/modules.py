@@ -21,6 +21,11 @@ the stacked down-projections of all the group's units (:func:`prunepeft.ops.bott
 (training, where the step time is); under ``torch.no_grad()`` (evaluation, inference) it runs site
 by site, so inference keeps the per-module numerics of an exported peft LoRA to the last bits (one
 stacked GEMM rounds differently from three, ~1e-7 relative).
+
+In training forwards on the reference path every site adds its candidates' output to its linear's
+output inside the up-projection GEMM (``addmm``, the ``acc`` of :func:`prunepeft.ops.bottleneck_reference`):
+no full-size tensor of the bottleneck alone and no separate add per site. A group's siblings are
+stashed as their pending up-projections for that reason (each takes its own linear's output).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class BottleneckSite(nn.Module):
                 grouped = self._group_forward(bank, gid, x, collect)
         for tap in ("input", "output"):
             if tap == "input" and grouped is not None:
-                y = y + grouped.to(y.dtype)
+                y = grouped(y) if callable(grouped) else y + grouped.to(y.dtype)
                 continue
             slab = bank.slab(self.site_name, tap)
             if slab is None:
@@ -66,19 +71,20 @@ class BottleneckSite(nn.Module):
             act = (
                 bank.activation_buffer(self.site_name, tap, inp.numel() // inp.shape[-1]) if collect else None
             )
-            y = y + bottleneck(inp.to(d.dtype), d, ut, pieces, scale, act).to(y.dtype)
+            y = bottleneck(inp.to(d.dtype), d, ut, pieces, scale, act, acc=y)
         return y
 
-    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor, collect: bool) -> torch.Tensor:
+    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor, collect: bool):
         """All input-tap outputs of group ``gid`` on ``x`` (one launch, or one down-projection GEMM);
-        the siblings' are stashed."""
+        the siblings' are stashed. On the reference path each output is pending: a function of the
+        site's linear output ``y`` that returns ``y`` plus the site's bottleneck."""
         act = bank.group_activation_buffer(gid, x.numel() // x.shape[-1]) if collect else None
         if use_triton(x, bank.flat):
             region, layout, scale = bank.group(gid)
             outs = bottleneck_group(x.to(region.dtype), region, layout, scale, act)
         else:
             d, sites, layout, scale = bank.group_slabs(gid)
-            outs = bottleneck_stacked(x.to(d.dtype), d, sites, scale, act)
+            outs = bottleneck_stacked(x.to(d.dtype), d, sites, scale, act, lazy=True)
         mine = None
         rest = {}
         for s, out in zip(layout.sites, outs, strict=True):

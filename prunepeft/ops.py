@@ -25,6 +25,7 @@ parameter's gradient (instead of one full-size zero tensor per ``narrow`` view, 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,6 +244,7 @@ def bottleneck(
     pieces: Sequence[Piece],
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of the bottlenecks of several candidates that share input ``x`` (dispatching).
 
@@ -256,8 +258,9 @@ def bottleneck(
     if use_triton(x, d):
         from .backends import triton as triton_backend
 
-        return triton_backend.bottleneck(x, d, ut, pieces, unit_scale, h_abs_sum)
-    return bottleneck_reference(x, d, ut, pieces, unit_scale, h_abs_sum)
+        out = triton_backend.bottleneck(x, d, ut, pieces, unit_scale, h_abs_sum)
+        return out if acc is None else acc + out.to(acc.dtype)
+    return bottleneck_reference(x, d, ut, pieces, unit_scale, h_abs_sum, acc)
 
 
 def bottleneck_group(
@@ -310,12 +313,16 @@ def bottleneck_stacked(
     sites: Sequence[tuple[torch.Tensor, Sequence[Piece]]],
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
+    lazy: bool = False,
+) -> list:
     """The bottlenecks of several sites that read ``x``, whose ``D`` rows are stacked in ``d``.
 
     One GEMM computes ``x @ d.T`` for every unit; it is split by site (``torch.split``: one
     backward node, one concatenation), and each site's activation and up-projection runs on its
-    slice exactly as in :func:`bottleneck_reference`.
+    slice exactly as in :func:`bottleneck_reference`. With ``lazy`` each site's up-projection is
+    left to its caller: the result holds, per site, a function of ``acc`` that returns ``acc`` plus
+    the site's bottleneck (its activation statistics are added when it is called), so every site
+    adds its output to its own linear's output in one fused GEMM (``_up``'s ``acc``).
 
     Args:
         x: ``[..., in]``.
@@ -332,9 +339,12 @@ def bottleneck_stacked(
     hs = h.split(widths, dim=-1) if len(sites) > 1 else (h,)
     scales = unit_scale.split(widths)
     habs = h_abs_sum.split(widths) if h_abs_sum is not None else (None,) * len(sites)
-    return [
-        _up(hk, ut, pieces, sk, ak) for hk, (ut, pieces), sk, ak in zip(hs, sites, scales, habs, strict=True)
+    args = [
+        (hk, ut, pieces, sk, ak) for hk, (ut, pieces), sk, ak in zip(hs, sites, scales, habs, strict=True)
     ]
+    if lazy:
+        return [functools.partial(_up, *a) for a in args]
+    return [_up(*a) for a in args]
 
 
 def bottleneck_reference(
@@ -344,6 +354,7 @@ def bottleneck_reference(
     pieces: Sequence[Piece],
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of the bottlenecks of several candidates that share input ``x``.
 
@@ -358,11 +369,16 @@ def bottleneck_reference(
             the activation criterion. No gradient flows through it. Only unmasked units' sums are
             part of the contract: the kernels add nothing for masked units, and the bank's
             activation means ignore masked blocks.
+        acc: optional ``[..., out]`` tensor the result is added to (the wrapped linear's output):
+            ``acc + bottleneck``. With autograd recording and ``acc`` in the bank's dtype, the
+            up-projection and the sum are one ``addmm`` (no full-size output of the bottleneck
+            alone, no separate add); otherwise the plain sum (so inference keeps a peft LoRA's
+            numerics: ``y + (h * scale) @ Ut``).
 
     Returns:
         ``[..., out]``.
     """
-    return _up(x @ d.t(), ut, pieces, unit_scale, h_abs_sum)
+    return _up(x @ d.t(), ut, pieces, unit_scale, h_abs_sum, acc)
 
 
 def _piece_inputs(h: torch.Tensor, pieces: Sequence[Piece]) -> Sequence[torch.Tensor]:
@@ -380,6 +396,7 @@ def _up(
     pieces: Sequence[Piece],
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None,
+    acc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`bottleneck_reference` after the down-projection ``h = x @ d.T``."""
     simple = all(p.activation == "identity" and p.bd is None for p in pieces)
@@ -393,8 +410,13 @@ def _up(
     if h_abs_sum is not None:
         with torch.no_grad():
             h_abs_sum += h.detach().abs().reshape(-1, h.shape[-1]).sum(0).to(h_abs_sum.dtype)
-    out = (h * unit_scale) @ ut
+    hs = h * unit_scale
+    fused = acc is not None and acc.dtype == hs.dtype and torch.is_grad_enabled()
+    if fused:  # acc + hs @ ut in one GEMM; its backward passes the gradient to acc as it is
+        out = torch.addmm(acc.reshape(-1, acc.shape[-1]), hs.reshape(-1, hs.shape[-1]), ut).view(acc.shape)
+    else:
+        out = hs @ ut
     for p in pieces:
         if p.bu is not None:
             out = out + p.bu
-    return out
+    return out if fused or acc is None else acc + out.to(acc.dtype)

@@ -330,3 +330,37 @@ def test_triton_path_gradients_equal_the_narrow_path(monkeypatch):
             assert FlatGrad.allocations - before == 2
         grads[old] = bank.flat.grad.clone()
     _assert_grads_equal(grads[False], grads[True])
+
+
+def test_bottleneck_adds_itself_to_the_linear_output_in_one_gemm():
+    """``acc``: in grad mode ``acc + bottleneck`` is one ``addmm`` (values and gradients equal the
+    plain sum); under ``no_grad`` and for an ``acc`` of another dtype it is the plain sum, to the bit."""
+    bank, sites = _group_sites()
+    x = torch.randn(2, 4, 19, requires_grad=True)
+    for site in ("q", "k"):  # q: LoRA + a gelu adapter with biases; k: LoRA alone
+        d, ut, pieces, scale = bank.slab(site, "input")
+        y = sites[site].base(x)
+        got = bottleneck_reference(x, d, ut, pieces, scale, acc=y)
+        want = y + bottleneck_reference(x, d, ut, pieces, scale)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        chain, fn = [], got.grad_fn  # k: View <- Addmm; q: Add (the adapter's up bias) <- View <- Addmm
+        while fn is not None and len(chain) < 3:
+            chain.append(fn.name())
+            fn = fn.next_functions[0][0]
+        assert "AddmmBackward0" in chain, chain
+        gout = torch.randn_like(want)
+        g_got = torch.autograd.grad(got, [x, bank.flat], gout, retain_graph=True)  # y is shared
+        g_want = torch.autograd.grad(want, [x, bank.flat], gout)
+        for g, w in zip(g_got, g_want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            y0 = sites[site].base(x)
+            assert torch.equal(
+                bottleneck_reference(x, d, ut, pieces, scale, acc=y0),
+                y0 + bottleneck_reference(x, d, ut, pieces, scale),
+            )
+        y64 = y.detach().double()
+        assert torch.equal(
+            bottleneck_reference(x, d, ut, pieces, scale, acc=y64),
+            y64 + bottleneck_reference(x, d, ut, pieces, scale).double(),
+        )
