@@ -23,13 +23,14 @@ import bench_quality as B  # noqa: E402
 import tasks as T  # noqa: E402
 
 
-def configuration(model, kept: str, seed: int):
-    """The default search space attached to ``model`` with every block outside ``kept`` pruned."""
+def configuration(model, kept: str, seed: int, space=None):
+    """``space`` (default: the default search space) attached to ``model`` with every block outside
+    ``kept`` pruned; a width that is not a multiple of the space's block size is rounded down."""
     from prunepeft import attach
     from prunepeft.config import default_search_space
 
     want = dict((k, int(w)) for k, w in (item.split("=") for item in kept.split(";")))
-    handle = attach(model, default_search_space())
+    handle = attach(model, space or default_search_space())
     bank, pruned = handle.bank, []
     for c, spec in enumerate(bank.specs):
         width = want.pop(f"{spec.kind}:{spec.role}@{spec.layer}", 0)

@@ -248,3 +248,32 @@ def test_budget_spread_counts_sites_kind_shares_and_depth_of_the_found_configura
         "+1.00",
         "+1.00",
     ]
+
+
+def test_found_step_bench_times_each_search_runs_configuration_at_its_selected_learning_rate(
+    monkeypatch, tmp_path
+):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_found_step as fs
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.setattr(fs, "RESULTS", tmp_path)
+    base = {"budget_name": "r8", "budget": "73728", "task": "SST-2", "params": "1", "search_s": "1", "final_s": "1",
+            "total_s": "2", "wall_s": "2", "peak_rss_mb": "1", "machine": "t", "commit": "x", "value": "0.5"}  # fmt: skip
+    rows = [  # seed 0: the grid (1e-3 wins on val), seed 1 at the chosen rate; a superseded variant is left out
+        {**base, "variant": "v", "method": "hybrid", "seed": "0", "lr": "0.001", "val": "0.9", "kept": "lora:q@0=2"},
+        {**base, "variant": "v", "method": "hybrid", "seed": "0", "lr": "0.003", "val": "0.8", "kept": "lora:k@0=2"},
+        {**base, "variant": "v", "method": "hybrid", "seed": "1", "lr": "0.001", "val": "0.8", "kept": "lora:v@1=1"},
+        {**base, "variant": "v", "method": "lora_qv", "seed": "0", "lr": "0.001", "val": "0.9", "kept": ""},
+        {**base, "variant": "default-stsb-head0", "method": "hybrid", "seed": "0", "lr": "0.001", "val": "0.9",
+         "kept": "lora:o@0=2"},
+    ]  # fmt: skip
+    with open(tmp_path / "quality.csv", "w", newline="") as f:
+        import csv
+
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert fs.found_configurations("SST-2", 0) == [("v", "hybrid", "lora:q@0=2")]
+    assert fs.found_configurations("SST-2", 1) == [("v", "hybrid", "lora:v@1=1")]
