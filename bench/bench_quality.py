@@ -20,7 +20,11 @@ Protocol (``QualityConfig``, the same for every method):
   headline difference is also shown without it.
 - Learning rate: each method's is chosen per task on the validation split at seed 0 from ``lrs``
   (full fine-tuning from ``full_ft_lrs``) at the ``r8`` budget, then used for every seed and budget.
-  The same rule for every method. The eval metric never chooses anything.
+  The same rule for every method. The eval metric never chooses anything. A run that collapsed (its
+  validation metric at a constant prediction's level: the majority-class share of the validation split
+  + 1 point, or Pearson r <= 0.1) is replaced by the same run at the next smaller rate of the grid, the
+  retry a user who sees the validation split would make; chance tasks are exempt; the report lists every
+  replacement and the headline as run without it.
 - Budgets: ``r8`` = peft LoRA r=8 on query,value (73,728 parameters on MiniLM) and ``r2`` = r=2 (18,432).
 - Methods: ``hybrid`` (prunepeft's defaults), ``random``, single criteria (``taylor``, ``gradient``,
   ``activation``, ``weight``) -- all with the library's default space and search settings;
@@ -40,6 +44,7 @@ with bootstrap intervals, costs, what the found configurations look like).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -115,6 +120,13 @@ class QualityConfig:
     # 56.3 at 600 steps, still at chance on the validation split): kept in every table and mean, and the
     # headline difference is also shown without them
     chance_tasks: tuple[str, ...] = ("RTE",)
+    # a run has collapsed when its validation metric is at the level of a constant prediction: at most
+    # the majority-class share of the validation split + collapse_margin, or a Pearson r of at most
+    # collapse_r (regression); such a run is replaced by the same run at the next smaller learning rate
+    # of the grid, the retry a user who sees the validation split would make (the same rule for every
+    # method; chance tasks are exempt: every method is at that level there)
+    collapse_margin: float = 0.01
+    collapse_r: float = 0.1
     variant: str = "default"
     csv: str = "quality"
     workers: int = 2
@@ -295,6 +307,38 @@ def _key(r: dict) -> tuple:
     return (r["variant"], r["task"], r["budget_name"], r["method"], int(r["seed"]), f"{float(r['lr']):g}")
 
 
+@functools.cache
+def _val_floor(
+    task: str, pool: int, eval_cap: int, val_examples: int, margin: float, min_r: float
+) -> float | None:
+    try:
+        t = T.load(task, pool, eval_cap)
+    except FileNotFoundError:  # no benchmark data here: no run of this task can be judged
+        return None
+    if t.kind == "regression":
+        return min_r
+    labels = [ex.label for ex in t.split_validation(val_examples)[1]]
+    return max(labels.count(c) for c in set(labels)) / len(labels) + margin
+
+
+def collapsed(r: dict, cfg: QualityConfig) -> bool:
+    """Whether run ``r`` collapsed: its validation metric at a constant prediction's level (see
+    :class:`QualityConfig`). Chance tasks never count."""
+    if r["task"] in cfg.chance_tasks:
+        return False
+    floor = _val_floor(
+        r["task"], cfg.pool, cfg.eval_cap, cfg.val_examples, cfg.collapse_margin, cfg.collapse_r
+    )
+    return floor is not None and float(r["val"]) <= floor
+
+
+def lower_lr(cfg: QualityConfig, method: str, lr: str) -> str | None:
+    """The next smaller learning rate of ``method``'s grid below ``lr`` (None: ``lr`` is the smallest)."""
+    grid = cfg.full_ft_lrs if method == "full_ft" else cfg.lrs
+    below = sorted(x for x in grid if x < float(lr) * (1 - 1e-9))
+    return f"{below[-1]:g}" if below else None
+
+
 def selected_lr(rows: list[dict], cfg: QualityConfig, task: str, method: str) -> str | None:
     """The learning rate the validation split chose (seed 0, budget r8; None until all grid runs exist)."""
     budget = "full" if method == "full_ft" else SELECT_BUDGET
@@ -319,7 +363,8 @@ def _priority(method: str) -> int:
 def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
     """Runs still missing, in priority order (:data:`PRIORITY`; per method: the learning-rate grid at
     seed 0 on every task, then the other seeds; the r2 budget after everything at r8)."""
-    done = {_key(r) for r in rows}
+    by_key = {_key(r): r for r in rows}
+    done = set(by_key)
     out: list[tuple[tuple, dict]] = []
 
     def add(prio, task, budget, method, seed, lr):
@@ -346,7 +391,12 @@ def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
                 if method == "lora_all" and b == "r2":
                     continue  # rank 1 on every linear is already above the r2 budget
                 for seed in cfg.seeds:
-                    add((1 if b == "r2" else 0, p, 1, t_index), task, b, method, seed, lr)
+                    prio = (1 if b == "r2" else 0, p, 1, t_index)
+                    add(prio, task, b, method, seed, lr)
+                    r = by_key.get((cfg.variant, task, b, method, seed, lr))
+                    lower = lower_lr(cfg, method, lr)
+                    if r is not None and lower is not None and collapsed(r, cfg):
+                        add(prio, task, b, method, seed, lower)  # the retry that replaces it
     out.sort(key=lambda t: t[0])
     return [j for _, j in out]
 
@@ -396,16 +446,26 @@ def bootstrap_ci(xs: list[float], n: int = 10_000, seed: int = 0) -> tuple[float
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
-def final_rows(rows: list[dict], cfg: QualityConfig) -> dict[tuple, dict[int, dict]]:
-    """(task, budget, method) -> {seed: row} at the selected learning rate."""
+def final_rows(rows: list[dict], cfg: QualityConfig, retry: bool = True) -> dict[tuple, dict[int, dict]]:
+    """(task, budget, method) -> {seed: row} at the selected learning rate; with ``retry``, a run that
+    collapsed (:func:`collapsed`) is replaced by the same run at the next smaller rate, once it exists."""
     out: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for r in rows:
-        if r["variant"] != cfg.variant:
-            continue
+    by_key = {_key(r): r for r in rows if r["variant"] == cfg.variant}
+    for r in by_key.values():
         lr = selected_lr(rows, cfg, r["task"], r["method"])
-        if lr is not None and f"{float(r['lr']):g}" == lr:
-            out[(r["task"], r["budget_name"], r["method"])][int(r["seed"])] = r
+        if lr is None or f"{float(r['lr']):g}" != lr:
+            continue
+        lower = lower_lr(cfg, r["method"], lr) if retry else None
+        if lower is not None and collapsed(r, cfg):
+            r = by_key.get((*_key(r)[:5], lower), r)
+        out[(r["task"], r["budget_name"], r["method"])][int(r["seed"])] = r
     return out
+
+
+def replaced_runs(rows: list[dict], cfg: QualityConfig) -> list[tuple[dict, dict]]:
+    """(collapsed run, the run at the smaller learning rate that replaces it) of this variant."""
+    kept, as_run = final_rows(rows, cfg), final_rows(rows, cfg, retry=False)
+    return [(r, kept[k][s]) for k, got in as_run.items() for s, r in got.items() if kept[k][s] is not r]
 
 
 def paired(
@@ -478,7 +538,12 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines.append(f"| {m} | {p} | {'/'.join(lrs)} | " + " | ".join(cells) + f" | {avg} |")
         if b in BUDGETS:
             lines += _oracle_row(fin, task_list, b, cfg)
-            lines += ["", *_paired_table(fin, task_list, b, cfg), ""]
+            table = _paired_table(fin, task_list, b, cfg)
+            as_run = paired(final_rows(rows, cfg, retry=False), task_list, b, "hybrid", "lora_qv", cfg.seeds)
+            if as_run and as_run != paired(fin, task_list, b, "hybrid", "lora_qv", cfg.seeds):
+                table.append(_pair_row("hybrid − lora_qv, as run (no collapse retry)", _task_cells(as_run, task_list),
+                                       [x for _, _, x in as_run]))  # fmt: skip
+            lines += ["", *table, "", *_collapse_note(rows, cfg, b)]
     lines += _cost_table(fin, task_list, cfg)
     lines += _found_table(fin, task_list, cfg)
     lines += _budget_spread(rows, fin, cfg)
@@ -565,6 +630,27 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
     return out
 
 
+def _collapse_note(rows: list[dict], cfg: QualityConfig, budget: str) -> list[str]:
+    """The runs of this variant at ``budget`` that collapsed: which replaced, by what; which could not be."""
+    pct = lambda r: f"{100 * float(r['val']):.1f}"  # noqa: E731
+    swaps = [(r, n) for r, n in replaced_runs(rows, cfg) if r["budget_name"] == budget]
+    stuck = [r for (t, b, m), got in final_rows(rows, cfg).items() if b == budget for r in got.values()
+             if collapsed(r, cfg)]  # fmt: skip
+    if not swaps and not stuck:
+        return []
+    out = ["Collapsed runs (validation metric at a constant prediction's level: the majority-class share of the "
+           f"validation split + {100 * cfg.collapse_margin:.1f} point, or Pearson r <= {cfg.collapse_r:g}), each replaced "
+           "by the same run at the next smaller learning rate of the grid: "  # fmt: skip
+           + ("; ".join(f"{r['method']} {r['task']} seed {r['seed']} at {r['lr']} (val {pct(r)}, eval "
+                        f"{100 * float(r['value']):.1f}) -> {n['lr']} (val {pct(n)}, eval {100 * float(n['value']):.1f})"
+                        for r, n in swaps) or "none") + "."]  # fmt: skip
+    if stuck:
+        out.append("Collapsed and kept (no smaller learning rate, or its retry not run yet): "
+                   + "; ".join(f"{r['method']} {r['task']} seed {r['seed']} at {r['lr']} (val {pct(r)})" for r in stuck)
+                   + ".")  # fmt: skip
+    return [*out, ""]
+
+
 def _task_cells(pairs: list[tuple[str, int, float]], task_list: list[str]) -> list[str]:
     """The mean paired difference of each task, formatted ("–" where a task has no pair)."""
     out = []
@@ -642,6 +728,8 @@ def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
             val = [x for _, _, x in paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds, "val")]
             lo, hi = bootstrap_ci(val)
             out.append(row + f" {statistics.fmean(val):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
+        note = _collapse_note(rows, replace(cfg, variant=v), SELECT_BUDGET)
+        out += ["", *note[:-1]] if note else []
         costs = _cost_rows(both, task_list, replace(cfg, methods=tuple(f"{v}:{m}" for m in searched)))
         out += ["", "Cost as in the cost table above (uniform LoRA's runs may come from another session at another "
                 "load, so a rough ratio):", "", *costs, ""]  # fmt: skip

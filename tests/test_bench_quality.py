@@ -277,3 +277,61 @@ def test_found_step_bench_times_each_search_runs_configuration_at_its_selected_l
         w.writerows(rows)
     assert fs.found_configurations("SST-2", 0) == [("v", "hybrid", "lora:q@0=2")]
     assert fs.found_configurations("SST-2", 1) == [("v", "hybrid", "lora:v@1=1")]
+
+
+def test_a_collapsed_run_is_retried_at_the_next_smaller_learning_rate_and_replaced(bq, monkeypatch, tmp_path):
+    """A run whose validation metric is at a constant prediction's level gets a retry job at the next
+    smaller rate of the grid, and once that exists it counts instead; chance tasks are exempt."""
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    floors = {"QNLI": 0.51, "RTE": 0.53}
+    monkeypatch.setattr(bq, "_val_floor", lambda task, *a: floors[task])
+    cfg = bq.QualityConfig(tasks=("QNLI", "RTE"), methods=("hybrid", "lora_qv"), budgets=("r8",), seeds=(0, 1),
+                           lrs=(1e-3, 3e-3))  # fmt: skip
+    base = {"variant": "default", "budget_name": "r8", "budget": "73728", "params": "73728", "search_s": "1",
+            "final_s": "10", "total_s": "11", "wall_s": "12", "peak_rss_mb": "900", "kept": "", "machine": "t",
+            "commit": "x"}  # fmt: skip
+    rows = []
+    for task in ("QNLI", "RTE"):
+        for method in ("hybrid", "lora_qv"):
+            for seed, lr, val, ev in (
+                (0, "0.001", 0.70, 0.70),
+                (0, "0.003", 0.75, 0.74),
+                (1, "0.003", 0.76, 0.75),
+            ):
+                if method == "hybrid" and seed == 1:
+                    val, ev = 0.51, 0.509  # collapsed: at QNLI's floor (and RTE's, which is exempt)
+                rows.append({**base, "task": task, "method": method, "seed": str(seed), "lr": lr, "val": str(val),
+                             "value": str(ev)})  # fmt: skip
+    jobs = bq.pending_jobs(rows, cfg)
+    assert jobs == [{"task": "QNLI", "budget": "r8", "method": "hybrid", "seed": 1, "lr": 0.001}]
+    md = bq.write_report(cfg, rows)
+    assert (
+        "Collapsed and kept (no smaller learning rate, or its retry not run yet): hybrid QNLI seed 1 at 0.003"
+        in md
+    )
+    rows.append(
+        {
+            **base,
+            "task": "QNLI",
+            "method": "hybrid",
+            "seed": "1",
+            "lr": "0.001",
+            "val": "0.72",
+            "value": "0.71",
+        }
+    )
+    assert bq.pending_jobs(rows, cfg) == []
+    fin = bq.final_rows(rows, cfg)
+    assert (
+        fin[("QNLI", "r8", "hybrid")][1]["lr"] == "0.001" and fin[("RTE", "r8", "hybrid")][1]["lr"] == "0.003"
+    )
+    assert bq.final_rows(rows, cfg, retry=False)[("QNLI", "r8", "hybrid")][1]["lr"] == "0.003"
+    md = bq.write_report(cfg, rows)
+    assert "hybrid QNLI seed 1 at 0.003 (val 51.0, eval 50.9) -> 0.001 (val 72.0, eval 71.0)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| hybrid − lora_qv |"))
+    as_run = next(
+        ln for ln in md.splitlines() if ln.startswith("| hybrid − lora_qv, as run (no collapse retry) |")
+    )
+    # QNLI pairs: seed 0 +0.0, seed 1 71.0 - 75.0 = -4.0 (as run: 50.9 - 75.0 = -24.1); RTE (exempt) 0.0, -24.1
+    assert line.startswith("| hybrid − lora_qv | -2.0 | -12.0 | -7.03 |")
+    assert as_run.startswith("| hybrid − lora_qv, as run (no collapse retry) | -12.0 | -12.0 | -12.05 |")
