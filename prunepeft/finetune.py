@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import SearchConfig
-from .evaluation import evaluate
+from .evaluation import evaluate, warn_if_constant
 from .space import SpaceConfig
 from .supernet import DEFAULT_HEADS, Supernet, attach
 from .taskdata import BatchStream, prepare_data
@@ -89,6 +89,7 @@ def finetune(
     opt = make_optimizer(handle, cfg, cfg.final_lr or cfg.lr)
     run = train_configuration(model, handle, opt, BatchStream(data.train_epoch), cfg)
     val = evaluate(model, data, "val")
+    warn_if_constant(val, cfg.final_lr or cfg.lr, say)
     metrics = evaluate(model, data, "eval")
     shown = metrics or val
     say(f"trained {handle.num_trainable():,} parameters for {cfg.final_steps} steps in {run['seconds']:.0f}s"

@@ -28,7 +28,7 @@ from torch import nn
 from . import distributed
 from . import state as S
 from .config import SearchConfig
-from .evaluation import evaluate
+from .evaluation import evaluate, warn_if_constant
 from .finetune import SearchError, loop_options, make_optimizer, seed_everything, train_configuration
 from .pruner import Pruner
 from .result import RESULT_FILE, SearchResult, kept_modules
@@ -92,6 +92,8 @@ def search(
         run.handle.detach()  # the model goes back to the caller as it came (a resumable state stays on disk)
         raise
     final["val_metrics"] = evaluate(model, data, "val")
+    if main:
+        warn_if_constant(final["val_metrics"], cfg.final_lr or cfg.lr, say)
     final["metrics"] = evaluate(model, data, "eval")  # the eval set: read once, here
     for key, what in (("val_metrics", "validation split"), ("metrics", "eval set")):
         if final[key]:

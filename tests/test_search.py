@@ -336,3 +336,40 @@ def test_in_search_evaluation_is_off_by_default_and_decides_nothing():
     assert off.final["loss"] == on.final["loss"] and off.final["val_metrics"] == on.final["val_metrics"]
     assert all(not h["eval"] for h in off.history) and all(h["eval"] for h in on.history)
     assert "evaluation" not in off.costs or off.costs["evaluation"] == 0.0
+
+
+def test_a_final_training_at_a_constant_predictions_level_is_warned_about(monkeypatch):
+    """search and finetune warn, naming the metric and the learning rate, when the trained
+    configuration's validation metrics are those of a constant prediction (diverged or learned nothing)."""
+    import importlib
+    import warnings
+
+    finetune_module = importlib.import_module("prunepeft.finetune")  # `prunepeft.finetune` is the function
+    searcher_module = importlib.import_module("prunepeft.searcher")
+    from prunepeft.evaluation import warn_if_constant
+
+    assert warn_if_constant({"accuracy": 0.9, "matthews": 0.8}, 1e-3) is None
+    assert warn_if_constant({}, 1e-3) is None  # no validation split
+    assert warn_if_constant({"perplexity": 9.0}, 1e-3) is None  # causal LM: no such level
+    for metrics in (
+        {"accuracy": 0.52, "f1": 0.0, "matthews": 0.0},
+        {"pearson": float("nan"), "spearman": 0.0},
+    ):
+        with pytest.warns(RuntimeWarning, match="constant prediction"):
+            assert "smaller learning rate than 0.003" in warn_if_constant(metrics, 3e-3)
+    constant = lambda model, data, split="eval", limit=None: {"accuracy": 0.5, "f1": 0.0, "matthews": 0.0}  # noqa: E731
+    data = _batches()
+    for module, run in ((searcher_module, lambda m: search(m, data, data[:2], _cfg(val_examples=8), log=None)),
+                        (finetune_module, lambda m: finetune_module.finetune(m, data, data[:2], _cfg(val_examples=8),
+                                                                             space=SPACE, log=None))):  # fmt: skip
+        monkeypatch.setattr(module, "evaluate", constant)
+        with pytest.warns(RuntimeWarning, match=r"matthews 0\.000 on the validation split.*than 0\.01"):
+            run(tiny_model("bert")[0])
+    with warnings.catch_warnings():  # a configuration that learned: no warning
+        warnings.simplefilter("error", RuntimeWarning)
+        monkeypatch.setattr(
+            finetune_module, "evaluate", lambda *a, **k: {"accuracy": 0.9, "f1": 0.9, "matthews": 0.8}
+        )
+        finetune_module.finetune(
+            tiny_model("bert")[0], data, data[:2], _cfg(val_examples=8), space=SPACE, log=None
+        )
