@@ -544,6 +544,8 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
                 table.append(_pair_row("hybrid − lora_qv, as run (no collapse retry)", _task_cells(as_run, task_list),
                                        [x for _, _, x in as_run]))  # fmt: skip
             lines += ["", *table, "", *_collapse_note(rows, cfg, b)]
+        else:
+            lines.append("")
     lines += _cost_table(fin, task_list, cfg)
     lines += _found_table(fin, task_list, cfg)
     lines += _budget_spread(rows, fin, cfg)
