@@ -4,6 +4,7 @@ the validation split only; the report pairs runs by (task, seed) and writes its 
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -335,3 +336,38 @@ def test_a_collapsed_run_is_retried_at_the_next_smaller_learning_rate_and_replac
     # QNLI pairs: seed 0 +0.0, seed 1 71.0 - 75.0 = -4.0 (as run: 50.9 - 75.0 = -24.1); RTE (exempt) 0.0, -24.1
     assert line.startswith("| hybrid − lora_qv | -2.0 | -12.0 | -7.03 |")
     assert as_run.startswith("| hybrid − lora_qv, as run (no collapse retry) | -12.0 | -12.0 | -12.05 |")
+
+
+def test_adalora_update_bench_measures_each_adapters_update_against_its_frozen_weight(
+    tiny, monkeypatch, tmp_path
+):
+    """``bench/adalora_update.py``: the update norm is B (A * E) * scale / ranknum for AdaLoRA and
+    B A * scale for LoRA (checked by hand), and a run writes one row per method."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    bq, _ = tiny
+    sys.path.insert(0, str(BENCH))
+    try:
+        import adalora_update as au
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    model, _ = _tiny(2, 0)
+    ada = get_peft_model(model, AdaLoraConfig(task_type="SEQ_CLS", target_modules=["query"], init_r=3, target_r=2,
+                                              lora_alpha=4, total_step=10))  # fmt: skip
+    layer = ada.base_model.model.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        for t in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]):
+            t.fill_(0.5)
+    want = (torch.full((32, 32), 3 * 0.5**3) * 4 / 3).norm() / layer.base_layer.weight.norm()
+    assert au.update_norms(ada)[0] == pytest.approx(float(want), rel=1e-4)
+    model, _ = _tiny(2, 0)
+    lora = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["value"]))
+    assert au.update_norms(lora) == [0.0, 0.0]  # B starts at zero
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(au.B, "QualityConfig", lambda: tiny[1])  # the tiny protocol (3 steps, BBC)
+    au.main(["--task", "BBC", "--steps", "3"])
+    rows = list(csv.DictReader(open(tmp_path / "adalora_update.csv")))
+    assert [r["method"] for r in rows] == ["adalora", "lora_qv"]
+    assert all(int(r["layers"]) == 4 and float(r["mean_rel_update"]) > 0 for r in rows)
