@@ -401,6 +401,24 @@ def pending_jobs(rows: list[dict], cfg: QualityConfig) -> list[dict]:
     return [j for _, j in out]
 
 
+def check_variant_search(cfg: QualityConfig) -> None:
+    """Keep each variant's rows from one search setting: the CSV's rows do not carry ``--search``, so
+    the first run of a variant records its overrides in ``results/<csv>.search.json`` and a later run
+    of the same variant name with other overrides stops with an error instead of mixing the two."""
+    path = RESULTS / f"{cfg.csv}.search.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if cfg.variant in known and known[cfg.variant] != cfg.search:
+        raise SystemExit(
+            f"bench_quality: variant {cfg.variant!r} of {cfg.csv}.csv was run with --search "
+            f"'{json.dumps(known[cfg.variant])}', not '{json.dumps(cfg.search)}'; "
+            "give other overrides their own --variant name"
+        )
+    if cfg.variant not in known:
+        known[cfg.variant] = cfg.search
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+
+
 def run_all(cfg: QualityConfig) -> None:
     """Run every pending job with ``cfg.workers`` worker processes; rows are appended as they finish."""
     running: list[tuple[subprocess.Popen, dict, float]] = []
@@ -945,6 +963,7 @@ def main(argv=None) -> None:
         )
         cfg.tasks = tuple(t for t in cfg.tasks if t == "BBC")
     if not args.report_only:
+        check_variant_search(cfg)
         run_all(cfg)
     rows = read_rows(cfg.csv)
     if rows:

@@ -371,3 +371,21 @@ def test_adalora_update_bench_measures_each_adapters_update_against_its_frozen_w
     rows = list(csv.DictReader(open(tmp_path / "adalora_update.csv")))
     assert [r["method"] for r in rows] == ["adalora", "lora_qv"]
     assert all(int(r["layers"]) == 4 and float(r["mean_rel_update"]) > 0 for r in rows)
+
+
+def test_a_variant_name_keeps_one_search_setting(bq, monkeypatch, tmp_path):
+    """The CSV's rows do not carry ``--search``: the first run of a variant records it, a later run of
+    the same name with other overrides stops with an error naming both, other names are recorded."""
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    cfg = bq.QualityConfig(variant="v1", search={"balance": "spread"})
+    bq.check_variant_search(cfg)
+    bq.check_variant_search(cfg)  # the same setting again: fine
+    with pytest.raises(SystemExit, match=r"'v1'.*\{\"balance\": \"spread\"\}.*\{\"rounds\": 2\}"):
+        bq.check_variant_search(bq.QualityConfig(variant="v1", search={"rounds": 2}))
+    bq.check_variant_search(bq.QualityConfig(variant="v2", search={"rounds": 2}))
+    import json
+
+    assert json.loads((tmp_path / "quality.search.json").read_text()) == {
+        "v1": {"balance": "spread"},
+        "v2": {"rounds": 2},
+    }
