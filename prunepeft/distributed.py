@@ -23,6 +23,7 @@ Parameter-sharding engines (FSDP, DeepSpeed ZeRO-3) are refused with a clear err
 
 from __future__ import annotations
 
+import atexit
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -62,7 +63,17 @@ def init_from_env() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend)
+    atexit.register(_destroy_at_exit)
     return True
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the default process group that :func:`init_from_env` created, while the interpreter
+    is still whole: left to interpreter teardown, gloo's worker threads can outlive it and abort the
+    process ("terminate called without an active exception") after all the work was done. A no-op
+    if the user's script destroyed it already."""
+    if initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _device_for_collectives() -> torch.device:

@@ -231,6 +231,8 @@ rank = dist.world()[0]
 json.dump({{"kept": cb.kept(), "assignment": cb.pruner.assignment.to_dict(),
            "pruned": [h.pruned for h in cb.history], "checksum": dist.checksum(cb.handle.bank.flat)}},
           open({out!r} + f"/rank{{rank}}.json", "w"))
+if torch.distributed.is_initialized():  # the Trainer's group: ended by the script, as torch asks
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -279,3 +281,28 @@ def test_cli_search_under_torchrun(tmp_path, glue_dir):
     result = json.loads((out / "result.json").read_text())
     assert result["params"] <= 3000 and (out / "cli_args.json").exists()
     assert res.stdout.count("found configuration:") == 1  # rank 0 alone prints the summary
+
+
+def test_the_group_init_from_env_creates_is_destroyed_at_exit(monkeypatch):
+    """Left to interpreter teardown, gloo's threads can abort a finished run ("terminate called without
+    an active exception"): the group prunepeft initialised is destroyed by an exit handler; a group
+    that exists already is not prunepeft's to end."""
+    from prunepeft import distributed as dist
+
+    state = {"up": False, "destroyed": 0}
+    handlers = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "initialized", lambda: state["up"])
+    monkeypatch.setattr(dist, "world", lambda: (0, 2))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: state.update(up=True))
+    monkeypatch.setattr(
+        torch.distributed, "destroy_process_group", lambda: state.update(up=False, destroyed=1)
+    )
+    monkeypatch.setattr(dist.atexit, "register", handlers.append)
+    assert dist.init_from_env() and state["up"] and handlers == [dist._destroy_at_exit]
+    handlers[0]()
+    assert state == {"up": False, "destroyed": 1}
+    handlers[0]()  # already destroyed (or by the user's script): nothing more happens
+    assert state["destroyed"] == 1
+    state["up"] = True  # a group someone else created: no handler
+    assert dist.init_from_env() and len(handlers) == 1
