@@ -71,8 +71,12 @@ def _destroy_at_exit() -> None:
     """Destroy the default process group that :func:`init_from_env` created, while the interpreter
     is still whole: left to interpreter teardown, gloo's worker threads can outlive it and abort the
     process ("terminate called without an active exception") after all the work was done. A no-op
-    if the user's script destroyed it already."""
-    if initialized():
+    if the user's script destroyed it already. Skipped after an uncaught exception (Python sets
+    ``sys.last_value`` before exit handlers run): other ranks may still wait in a collective, and the
+    destroy could then hang the failed rank instead of letting it exit."""
+    import sys
+
+    if initialized() and getattr(sys, "last_value", None) is None:
         torch.distributed.destroy_process_group()
 
 

@@ -304,5 +304,10 @@ def test_the_group_init_from_env_creates_is_destroyed_at_exit(monkeypatch):
     assert state == {"up": False, "destroyed": 1}
     handlers[0]()  # already destroyed (or by the user's script): nothing more happens
     assert state["destroyed"] == 1
-    state["up"] = True  # a group someone else created: no handler
+    state["up"] = True
+    monkeypatch.setattr(sys, "last_value", RuntimeError("a rank failed"), raising=False)
+    handlers[0]()  # after an uncaught exception: no destroy (other ranks may wait in a collective)
+    assert state == {"up": True, "destroyed": 1}
+    monkeypatch.delattr(sys, "last_value")
+    # a group someone else created: no handler
     assert dist.init_from_env() and len(handlers) == 1
