@@ -185,8 +185,9 @@ class _Run:
                 self._say_warmup(phase)
             elif rec is not None:
                 t0 = time.perf_counter()
-                rec.eval = evaluate(self.model, data, "val", cfg.round_eval_examples)
-                self._cost("evaluation", time.perf_counter() - t0)
+                if cfg.round_eval_examples:  # off by default: no call, and its cost stays 0.0
+                    rec.eval = evaluate(self.model, data, "val", cfg.round_eval_examples)
+                self._cost("evaluation", time.perf_counter() - t0 if cfg.round_eval_examples else 0.0)
                 self._say_round(rec)
             else:
                 continue
