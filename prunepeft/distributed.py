@@ -24,6 +24,7 @@ Parameter-sharding engines (FSDP, DeepSpeed ZeRO-3) are refused with a clear err
 from __future__ import annotations
 
 import atexit
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -74,8 +75,6 @@ def _destroy_at_exit() -> None:
     if the user's script destroyed it already. Skipped after an uncaught exception (Python sets
     ``sys.last_value`` before exit handlers run): other ranks may still wait in a collective, and the
     destroy could then hang the failed rank instead of letting it exit."""
-    import sys
-
     if initialized() and getattr(sys, "last_value", None) is None:
         torch.distributed.destroy_process_group()
 

@@ -184,10 +184,12 @@ class _Run:
             if was_warm and pruner.step == cfg.warmup_steps:
                 self._say_warmup(phase)
             elif rec is not None:
-                t0 = time.perf_counter()
-                if cfg.round_eval_examples:  # off by default: no call, and its cost stays 0.0
+                seconds = 0.0  # off by default: no call, and its cost stays 0.0
+                if cfg.round_eval_examples:
+                    t0 = time.perf_counter()
                     rec.eval = evaluate(self.model, data, "val", cfg.round_eval_examples)
-                self._cost("evaluation", time.perf_counter() - t0 if cfg.round_eval_examples else 0.0)
+                    seconds = time.perf_counter() - t0
+                self._cost("evaluation", seconds)
                 self._say_round(rec)
             else:
                 continue

@@ -5,6 +5,7 @@ the validation split only; the report pairs runs by (task, seed) and writes its 
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -383,8 +384,6 @@ def test_a_variant_name_keeps_one_search_setting(bq, monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=r"'v1'.*\{\"balance\": \"spread\"\}.*\{\"rounds\": 2\}"):
         bq.check_variant_search(bq.QualityConfig(variant="v1", search={"rounds": 2}))
     bq.check_variant_search(bq.QualityConfig(variant="v2", search={"rounds": 2}))
-    import json
-
     assert json.loads((tmp_path / "quality.search.json").read_text()) == {
         "v1": {"balance": "spread"},
         "v2": {"rounds": 2},
