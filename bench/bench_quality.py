@@ -34,7 +34,11 @@ Protocol (``QualityConfig``, the same for every method):
   ``init_r`` 1.5x ``target_r``, its budget schedule: ``tinit`` 10 %, ``tfinal`` 30 % of the steps,
   ``deltaT`` 10); ``full_ft`` (every weight, a reference). The "best in hindsight" row is, per
   task, the uniform configuration with the best mean eval metric over seeds 0-2 (the seeds every
-  method has): an oracle (it reads the eval set); hybrid is paired with it on those seeds.
+  method has): an oracle (it reads the eval set); hybrid is paired with it on those seeds. ``spectral``
+  (no supernet): LoRA ranks over every linear from the singular values of each linear's mean weight
+  gradient on the first 8 training batches, per parameter a rank costs (``spectral_ranks``), then
+  trained as a uniform configuration; its adoption rule (``SPECTRAL_RULE``) was committed before its
+  runs.
 
 Output: ``bench/results/<csv>.csv`` (one row per run, appended as it finishes: an interrupted run
 resumes with ``--resume``, the default) and ``<csv>.md`` / ``<csv>.png`` (tables, paired differences
@@ -78,7 +82,11 @@ SINGLE = ("taylor", "gradient", "activation", "weight")  # the protocol's single
 # a control: uniform LoRA q,v trained for the final steps plus the search's own steps (the same number of
 # training batches as a search whose found configuration continues from the search's weights)
 CONTROLS = ("lora_qv_same_total",)
-METHODS = (*SEARCH, *UNIFORM, *CONTROLS, "adalora", "full_ft")
+# an allocation without a supernet: LoRA ranks over every linear from the singular values of each
+# linear's weight gradient on the first training batches (:func:`spectral_ranks`; pre-registered rule in
+# bench/README.md, "spectral")
+ALLOCATION = ("spectral",)
+METHODS = (*SEARCH, *UNIFORM, *CONTROLS, *ALLOCATION, "adalora", "full_ft")
 DEFAULT_METHODS = (
     "hybrid",
     "random",
@@ -88,6 +96,7 @@ DEFAULT_METHODS = (
     "weight",
     *UNIFORM,
     *CONTROLS,
+    *ALLOCATION,
     "adalora",
     "full_ft",
 )
@@ -105,7 +114,7 @@ class QualityConfig:
     tasks: tuple[str, ...] = ("SST-2", "AGNews", "STS-B", "BBC", "QNLI", "RTE")
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[str, ...] = ("r8", "r2")
-    r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn")
+    r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn", "spectral")
     seeds: tuple[int, ...] = (0, 1, 2)
     lrs: tuple[float, ...] = (1e-3, 3e-3)
     full_ft_lrs: tuple[float, ...] = (3e-5, 1e-4)
@@ -240,6 +249,89 @@ def _adalora(model, data, sc, budget: int) -> dict:
     }
 
 
+SPECTRAL_BATCHES = 8  # the default search's warm-up length, in batches of the training stream
+SPECTRAL_MAX_RANK = 16  # the largest rank one linear can get
+
+
+def site_gradient_spectra(model, batches, sites) -> dict[str, tuple]:
+    """Per site (a linear of the model): the singular values of its weight's mean gradient over
+    ``batches`` (training forwards and backwards of the frozen model; nothing is updated) and the
+    parameters one LoRA rank costs there (``in + out``). ``{name: (svals float64, cost)}``."""
+    import torch
+
+    mods = {s.name: model.get_submodule(s.name) for s in sites}
+    before = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    for p in before:
+        p.requires_grad_(False)
+        p.grad = None
+    for m in mods.values():
+        m.weight.requires_grad_(True)
+    model.train()
+    try:
+        for b in batches:
+            model(**b).loss.backward()
+        return {n: (torch.linalg.svdvals(m.weight.grad.double() / len(batches)), m.in_features + m.out_features)
+                for n, m in mods.items()}  # fmt: skip
+    finally:
+        for p, rg in before.items():
+            p.grad = None
+            p.requires_grad_(rg)
+        model.train(was_training)
+
+
+def spectral_ranks(spectra: dict[str, tuple], budget: int, max_rank: int) -> dict[str, int]:
+    """LoRA rank per site within ``budget`` parameters: rank units (site, k) taken greedily by
+    ``sigma_k / (in + out)`` -- the k-th singular value of the site's mean gradient, the first-order
+    loss decrease of a unit-norm rank-1 step in that direction, per parameter the unit costs --
+    best first, each if it still fits; at most ``max_rank`` per site. A site's k-th unit never comes
+    before its (k-1)-th (singular values are sorted; ties keep k's order)."""
+    units = [(float(sv[k]) / cost, name, k, cost) for name, (sv, cost) in spectra.items()
+             for k in range(min(max_rank, len(sv)))]  # fmt: skip
+    units.sort(key=lambda u: (-u[0], u[1], u[2]))
+    ranks: dict[str, int] = {}
+    left = budget
+    for _, name, k, cost in units:
+        if cost <= left and ranks.get(name, 0) == k:
+            ranks[name] = k + 1
+            left -= cost
+    return ranks
+
+
+def _spectral(model, task, tok, sc, budget: int) -> dict:
+    """The ``spectral`` method: ranks from :func:`spectral_ranks` on the first ``SPECTRAL_BATCHES``
+    training batches, then the configuration trained exactly as a uniform one (``finetune``)."""
+    import itertools
+
+    import torch
+
+    from prunepeft import attach
+    from prunepeft.api import finetune, prepare_data, seed_everything
+    from prunepeft.result import kept_modules
+    from prunepeft.space import SearchSpace, SpaceConfig
+
+    t0 = time.perf_counter()
+    space = SearchSpace.from_model(model, SpaceConfig(lora_targets=("all",), lora_rank=SPECTRAL_MAX_RANK,
+                                                      serial_adapter_targets=(), block_size=1))  # fmt: skip
+    data = prepare_data(model, task, None, sc, tok)
+    batches = list(itertools.islice(data.train_epoch(0), SPECTRAL_BATCHES))
+    ranks = spectral_ranks(site_gradient_spectra(model, batches, space.sites), budget, SPECTRAL_MAX_RANK)
+    seed_everything(sc.seed)
+    handle = attach(model, space)
+    bank = handle.bank
+    keep = torch.zeros(bank.num_blocks, dtype=torch.bool)
+    for c, spec in enumerate(bank.specs):
+        blocks = bank.candidate_blocks(c)
+        keep[blocks.start : blocks.start + ranks.get(spec.site, 0)] = True
+    bank.compact(keep)
+    search_s = time.perf_counter() - t0
+    r = finetune(model, task, config=sc, handle=handle, tokenizer=tok, log=None)
+    kept = kept_modules(handle)
+    return {"val": r["val_metrics"], "eval": r["metrics"], "params": r["params"], "final_s": r["seconds"],
+            "search_s": search_s, "kept": ";".join(f"{k['kind']}:{k['role']}@{k['layer']}={k['width']}" for k in kept),
+            "note": f"{len(kept)} sites, {SPECTRAL_BATCHES} gradient batches"}  # fmt: skip
+
+
 def run_job(job: dict, cfg: QualityConfig) -> dict:
     """One (task, budget, method, seed, lr) run; returns its CSV row."""
     import torch
@@ -279,6 +371,12 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
                      tokenizer=tok, log=None)  # fmt: skip
         val, ev = r["val_metrics"], r["metrics"]
         row.update(params=r["params"], final_s=r["seconds"], note=what)
+    elif method in ALLOCATION:
+        out = _spectral(
+            model, task, tok, search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps), budget
+        )
+        val, ev = out.pop("val"), out.pop("eval")
+        row.update(out)
     else:
         sc = search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps)
         data = prepare_data(model, task, None, sc, tok)
@@ -353,7 +451,7 @@ def selected_lr(rows: list[dict], cfg: QualityConfig, task: str, method: str) ->
 #: the order runs are made in (an interrupted protocol has the headline comparison first): the method's
 #: group, then its learning-rate grid before its other seeds, then the smaller budget last
 PRIORITY = (("hybrid", "lora_qv"), ("random", "lora_qkvo", "lora_all", "serial_ffn"),
-            SINGLE, ("adalora", "full_ft", "lora_qv_same_total"))  # fmt: skip
+            SINGLE, ("adalora", "full_ft", "lora_qv_same_total"), ALLOCATION)  # fmt: skip
 
 
 def _priority(method: str) -> int:
@@ -567,12 +665,54 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
     lines += _cost_table(fin, task_list, cfg)
     lines += _found_table(fin, task_list, cfg)
     lines += _budget_spread(rows, fin, cfg)
+    lines += _spectral_rule(fin, task_list, cfg)
     lines += _variants(rows, fin, cfg)
     lines += _superseded(rows, cfg)
     md = "\n".join(lines) + "\n"
     (RESULTS / f"{cfg.csv}.md").write_text(md)
     _plot(fin, task_list, cfg)
     return md
+
+
+#: the ``spectral`` method's rule, committed before any of its runs: (label, budget, a, b, test on the
+#: validation split's paired differences, what the test asks); every test must hold on every (task,
+#: seed) pair of ``QualityConfig.seeds``' first three seeds for spectral to become a library strategy
+#: and the default search
+SPECTRAL_RULE = (
+    ("beats the default search", "r8", "spectral", "hybrid", lambda m, lo: lo > 0, "95 % CI lower end > 0"),
+    ("above uniform LoRA q,v", "r8", "spectral", "lora_qv", lambda m, lo: m > 0, "mean > 0"),
+    ("not clearly below uniform LoRA q,v at the small budget", "r2", "spectral", "lora_qv",
+     lambda m, lo: lo > -1.0, "95 % CI lower end > -1.0"),
+)  # fmt: skip
+
+
+def _spectral_rule(fin, task_list, cfg: QualityConfig) -> list[str]:
+    """The pre-registered decision on ``spectral`` (:data:`SPECTRAL_RULE`), on the validation split."""
+    if not any(k[2] == "spectral" for k in fin):
+        return []
+    seeds = oracle_seeds(cfg)
+    out = ["## `spectral`: the pre-registered rule", "",
+           "Read on the validation split only (the eval set decides nothing); each test over the (task, seed) pairs "
+           f"of seeds {', '.join(map(str, seeds))} on every task; `pending` until every pair exists.", "",
+           "| test | budget | comparison | val mean | val 95 % CI | pairs | asks | verdict |",
+           "|---|---|---|---:|---:|---:|---|---|"]  # fmt: skip
+    verdicts = []
+    for label, b, a, base, test, asks in SPECTRAL_RULE:
+        pairs = paired(fin, task_list, b, a, base, seeds, column="val")
+        full = len(pairs) == len(task_list) * len(seeds) and len(pairs) > 1
+        if pairs:
+            d = [x for _, _, x in pairs]
+            m, (lo, hi) = statistics.fmean(d), bootstrap_ci(d)
+            cells = f"{m:+.2f} | [{lo:+.2f}, {hi:+.2f}]" if len(d) > 1 else f"{m:+.2f} | –"
+        else:
+            cells = "– | –"
+        v = ("holds" if test(m, lo) else "fails") if full else "pending"
+        verdicts.append(v)
+        out.append(f"| {label} | {b} | {a} − {base} | {cells} | {len(pairs)} | {asks} | {v} |")
+    overall = "adopt" if all(v == "holds" for v in verdicts) else "not adopted"
+    if "pending" in verdicts:
+        overall = "pending"
+    return [*out, "", f"Decision: **{overall}**.", ""]
 
 
 def oracle_seeds(cfg: QualityConfig) -> tuple[int, ...]:
@@ -623,9 +763,11 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
            "|---|" + "---:|" * (len(task_list) + 3)]  # fmt: skip
     # every method against uniform LoRA q,v; single criteria also against random (the paper's
     # single > random); hybrid against everything
-    everything = ("lora_qv", "random", *SINGLE, *UNIFORM[1:], *CONTROLS, "adalora")
-    for a in ("hybrid", "random", *SINGLE, *UNIFORM[1:]):
-        bases = everything if a == "hybrid" else ("lora_qv", "random") if a in SINGLE else ("lora_qv",)
+    everything = ("lora_qv", "random", *SINGLE, *UNIFORM[1:], *CONTROLS, *ALLOCATION, "adalora")
+    for a in ("hybrid", "random", *SINGLE, *UNIFORM[1:], *ALLOCATION):
+        bases = ("lora_qv", "random") if a in SINGLE + ALLOCATION else ("lora_qv",)
+        if a == "hybrid":
+            bases = everything
         for base in bases:
             pairs = paired(fin, task_list, b, a, base, cfg.seeds)
             if not pairs:

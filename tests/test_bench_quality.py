@@ -72,6 +72,8 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
                 assert int(row["params"]) <= 1536 and row["kept"], method
             elif method in bq.UNIFORM:
                 assert int(row["params"]) <= 1536, method
+            elif method in bq.ALLOCATION:
+                assert 0 < int(row["params"]) <= 1536 and row["kept"].startswith("lora:"), method
             rows.append({k: str(v) for k, v in row.items()} | {"machine": "test", "commit": "x"})
     md = bq.write_report(cfg, rows)
     assert "| hybrid |" in md and "hybrid − lora_qv" in md and "best uniform in hindsight" in md
@@ -80,6 +82,9 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
         assert f"hybrid − {single} |" in md and f"{single} − lora_qv |" in md and f"{single} − random |" in md
     for uniform in ("lora_qkvo", "lora_all", "serial_ffn"):  # is the space the problem? uniform peers
         assert f"{uniform} − lora_qv |" in md and f"hybrid − {uniform} |" in md
+    assert "spectral − lora_qv |" in md and "spectral − random |" in md and "hybrid − spectral |" in md
+    # one task and no r2 runs: the rule cannot decide yet
+    assert "`spectral`: the pre-registered rule" in md and "Decision: **pending**" in md
     assert "## Cost" in md and "What the found configurations look like" in md
     assert (bq.RESULTS / "smoke.md").exists() and (bq.RESULTS / "smoke.png").exists()
 
@@ -388,3 +393,69 @@ def test_a_variant_name_keeps_one_search_setting(bq, monkeypatch, tmp_path):
         "v1": {"balance": "spread"},
         "v2": {"rounds": 2},
     }
+
+
+def test_spectral_ranks_take_rank_units_by_singular_value_per_parameter(bq):
+    # per-parameter values: a0 3, b0 2, a1 1, b1 0.25 -- taken best first while they fit
+    spectra = {"a": (torch.tensor([3.0, 1.0]), 1), "b": (torch.tensor([4.0, 0.5]), 2)}
+    assert bq.spectral_ranks(spectra, 4, 8) == {"a": 2, "b": 1}
+    assert bq.spectral_ranks(spectra, 2, 8) == {"a": 2}  # b0 does not fit after a0; a1 still does
+    assert bq.spectral_ranks(spectra, 100, 8) == {"a": 2, "b": 2}
+    assert bq.spectral_ranks(spectra, 100, 1) == {"a": 1, "b": 1}  # at most max_rank per site
+    assert bq.spectral_ranks(spectra, 0, 8) == {}
+    # equal singular values of one site: its units still come in order (never rank 2 without rank 1)
+    assert bq.spectral_ranks({"c": (torch.tensor([1.0, 1.0, 1.0]), 1)}, 2, 8) == {"c": 2}
+
+
+def test_site_gradient_spectra_reads_each_linears_mean_gradient_and_leaves_the_model_as_it_was(bq):
+    from prunepeft.space import SearchSpace, SpaceConfig
+
+    model, _ = _tiny(2, 0)
+    model.eval()
+    torch.manual_seed(1)
+    batches = [{"input_ids": torch.randint(1000, 2000, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,))} for _ in range(2)]  # fmt: skip
+    sites = SearchSpace.from_model(model, SpaceConfig(lora_targets=("all",), serial_adapter_targets=())).sites
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    torch.manual_seed(2)
+    got = bq.site_gradient_spectra(model, batches, sites)
+    assert set(got) == {s.name for s in sites} and len(sites) == 12  # 2 layers x q, k, v, o, up, down
+    for n, p in model.named_parameters():  # nothing updated, nothing left behind
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] and p.grad is None, n
+    assert not model.training  # its mode is restored
+    # by hand, with the same dropout draws: the mean of the two batches' gradients of one weight
+    name = sites[2].name
+    w = model.get_submodule(name).weight
+    w.requires_grad_(True)
+    model.train()
+    torch.manual_seed(2)
+    for b in batches:
+        model(**b).loss.backward()
+    want = torch.linalg.svdvals(w.grad.double() / 2)
+    sv, cost = got[name]
+    torch.testing.assert_close(sv, want)
+    assert cost == w.shape[0] + w.shape[1]
+
+
+def test_spectral_rule_reads_the_validation_split_and_waits_for_every_pair(bq):
+    cfg = bq.QualityConfig(tasks=("A", "B"), seeds=(0, 1, 2))
+
+    def rows(val, value):
+        return {s: {"val": str(val + 0.001 * s), "value": str(value)} for s in cfg.seeds}
+
+    fin = {}
+    for t in cfg.tasks:
+        fin[(t, "r8", "spectral")] = rows(0.80, 0.10)  # far worse on the eval set: must not matter
+        fin[(t, "r8", "hybrid")] = rows(0.78, 0.90)
+        fin[(t, "r8", "lora_qv")] = rows(0.79, 0.90)
+        fin[(t, "r2", "lora_qv")] = rows(0.75, 0.90)
+    md = "\n".join(bq._spectral_rule(fin, list(cfg.tasks), cfg))
+    assert "pending" in md and "Decision: **pending**" in md  # no r2 spectral runs yet
+    for t in cfg.tasks:
+        fin[(t, "r2", "spectral")] = rows(0.74, 0.10)  # 1 point below: the CI's lower end is not above -1
+    md = "\n".join(bq._spectral_rule(fin, list(cfg.tasks), cfg))
+    assert md.count("| holds |") == 2 and md.count("| fails |") == 1 and "Decision: **not adopted**" in md
+    for t in cfg.tasks:
+        fin[(t, "r2", "spectral")] = rows(0.749, 0.10)
+    md = "\n".join(bq._spectral_rule(fin, list(cfg.tasks), cfg))
+    assert md.count("| holds |") == 3 and "Decision: **adopt**" in md
