@@ -664,6 +664,10 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines.append("")
     lines += _cost_table(fin, task_list, cfg)
     lines += _found_table(fin, task_list, cfg)
+    for m in ALLOCATION:
+        found = _found_table(fin, task_list, cfg, method=m, heading=False)
+        if found:
+            lines += [f"### `{m}`", "", f"The same for {m} (budget r8).", "", *found]
     lines += _budget_spread(rows, fin, cfg)
     lines += _spectral_rule(fin, task_list, cfg)
     lines += _variants(rows, fin, cfg)
@@ -1003,7 +1007,7 @@ def _budget_spread(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]
     table = []
     for v in [cfg.variant, *sorted({r["variant"] for r in rows} - {cfg.variant, *SUPERSEDED})]:
         fin_v = fin if v == cfg.variant else final_rows(rows, replace(cfg, variant=v))
-        for m in SEARCH:
+        for m in (*SEARCH, *ALLOCATION):
             runs = [
                 (t, s, r) for t in tasks for s, r in fin_v.get((t, SELECT_BUDGET, m), {}).items() if r["kept"]
             ]

@@ -85,6 +85,7 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
     assert "spectral − lora_qv |" in md and "spectral − random |" in md and "hybrid − spectral |" in md
     # one task and no r2 runs: the rule cannot decide yet
     assert "`spectral`: the pre-registered rule" in md and "Decision: **pending**" in md
+    assert "### `spectral`" in md and "| default | spectral |" in md  # its configurations, its budget spread
     assert "## Cost" in md and "What the found configurations look like" in md
     assert (bq.RESULTS / "smoke.md").exists() and (bq.RESULTS / "smoke.png").exists()
 
