@@ -249,6 +249,12 @@ def _adalora(model, data, sc, budget: int) -> dict:
     }
 
 
+def kept_column(kept: list[dict]) -> str:
+    """A found configuration (``kept_modules``' dicts) as the CSV's ``kept`` column, which
+    :func:`_kept_sites` reads back: ``kind:role@layer=width`` joined by ``;``."""
+    return ";".join(f"{k['kind']}:{k['role']}@{k['layer']}={k['width']}" for k in kept)
+
+
 SPECTRAL_BATCHES = 8  # the default search's warm-up length, in batches of the training stream
 SPECTRAL_MAX_RANK = 16  # the largest rank one linear can get
 
@@ -328,7 +334,7 @@ def _spectral(model, task, tok, sc, budget: int) -> dict:
     r = finetune(model, task, config=sc, handle=handle, tokenizer=tok, log=None)
     kept = kept_modules(handle)
     return {"val": r["val_metrics"], "eval": r["metrics"], "params": r["params"], "final_s": r["seconds"],
-            "search_s": search_s, "kept": ";".join(f"{k['kind']}:{k['role']}@{k['layer']}={k['width']}" for k in kept),
+            "search_s": search_s, "kept": kept_column(kept),
             "note": f"{len(kept)} sites, {SPECTRAL_BATCHES} gradient batches"}  # fmt: skip
 
 
@@ -353,7 +359,7 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
         res = search(model, task, config=sc, tokenizer=tok, log=None)
         val, ev = res.final["val_metrics"], res.final["metrics"]
         row.update(params=res.params, search_s=res.search_seconds, final_s=res.final["seconds"],
-                   kept=";".join(f"{k['kind']}:{k['role']}@{k['layer']}={k['width']}" for k in res.kept),
+                   kept=kept_column(res.kept),
                    assignment=json.dumps(res.assignment["regions"]) if res.assignment else "",
                    round_step_ms=";".join(f"{1e3 * h['step_seconds']:.0f}" for h in res.history))  # fmt: skip
     elif method in UNIFORM or method in CONTROLS:
