@@ -38,7 +38,8 @@ Protocol (``QualityConfig``, the same for every method):
   (no supernet): LoRA ranks over every linear from the singular values of each linear's mean weight
   gradient on the first 8 training batches, per parameter a rank costs (``spectral_ranks``), then
   trained as a uniform configuration; its adoption rule (``SPECTRAL_RULE``) was committed before its
-  runs.
+  runs. ``hybrid_inverted`` (a diagnostic, r8 only): the default search keeping in every round the
+  units it would have pruned (:func:`inverted_scores`).
 
 Output: ``bench/results/<csv>.csv`` (one row per run, appended as it finishes: an interrupted run
 resumes with ``--resume``, the default) and ``<csv>.md`` / ``<csv>.png`` (tables, paired differences
@@ -48,6 +49,7 @@ with bootstrap intervals, costs, what the found configurations look like).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -86,7 +88,11 @@ CONTROLS = ("lora_qv_same_total",)
 # linear's weight gradient on the first training batches (:func:`spectral_ranks`; pre-registered rule in
 # bench/README.md, "spectral")
 ALLOCATION = ("spectral",)
-METHODS = (*SEARCH, *UNIFORM, *CONTROLS, *ALLOCATION, "adalora", "full_ft")
+# a diagnostic of the criteria: the default search keeping, in every round, the units it would have pruned
+# (the negated keep scores after the balance step, so every layer keeps its share); if it scores like
+# ``hybrid``, the criteria's order carries nothing the final training can use
+DIAGNOSTIC = ("hybrid_inverted",)
+METHODS = (*SEARCH, *UNIFORM, *CONTROLS, *ALLOCATION, *DIAGNOSTIC, "adalora", "full_ft")
 DEFAULT_METHODS = (
     "hybrid",
     "random",
@@ -97,6 +103,7 @@ DEFAULT_METHODS = (
     *UNIFORM,
     *CONTROLS,
     *ALLOCATION,
+    *DIAGNOSTIC,
     "adalora",
     "full_ft",
 )
@@ -338,6 +345,29 @@ def _spectral(model, task, tok, sc, budget: int) -> dict:
             "note": f"{len(kept)} sites, {SPECTRAL_BATCHES} gradient batches"}  # fmt: skip
 
 
+@contextlib.contextmanager
+def inverted_scores():
+    """The search's keep scores negated after the balance step (``hybrid_inverted``): every round keeps
+    the eligible units it would have pruned; the balance step's shares per layer or kind stay as they are."""
+    import torch
+
+    from prunepeft import pruner
+
+    balanced = pruner.balanced_scores
+
+    def negated(scores, *args, **kw):
+        out = balanced(scores, *args, **kw).clone()
+        finite = torch.isfinite(out)
+        out[finite] = -out[finite]
+        return out
+
+    pruner.balanced_scores = negated
+    try:
+        yield
+    finally:
+        pruner.balanced_scores = balanced
+
+
 def run_job(job: dict, cfg: QualityConfig) -> dict:
     """One (task, budget, method, seed, lr) run; returns its CSV row."""
     import torch
@@ -353,10 +383,11 @@ def run_job(job: dict, cfg: QualityConfig) -> dict:
            "method": method, "seed": seed, "lr": f"{lr:g}", "steps": steps, "search_s": 0.0, "note": "",
            "kept": "", "assignment": ""}  # fmt: skip
     t0 = time.perf_counter()
-    if method in SEARCH:
-        strategy = "adalora" if method == "adalora_crit" else method
+    if method in SEARCH or method in DIAGNOSTIC:
+        strategy = {"adalora_crit": "adalora", "hybrid_inverted": "hybrid"}.get(method, method)
         sc = search_config(cfg, lr=lr, seed=seed, budget=budget, steps=steps, strategy=strategy, **cfg.search)
-        res = search(model, task, config=sc, tokenizer=tok, log=None)
+        with inverted_scores() if method == "hybrid_inverted" else contextlib.nullcontext():
+            res = search(model, task, config=sc, tokenizer=tok, log=None)
         val, ev = res.final["val_metrics"], res.final["metrics"]
         row.update(params=res.params, search_s=res.search_seconds, final_s=res.final["seconds"],
                    kept=kept_column(res.kept),
@@ -457,7 +488,7 @@ def selected_lr(rows: list[dict], cfg: QualityConfig, task: str, method: str) ->
 #: the order runs are made in (an interrupted protocol has the headline comparison first): the method's
 #: group, then its learning-rate grid before its other seeds, then the smaller budget last
 PRIORITY = (("hybrid", "lora_qv"), ("random", "lora_qkvo", "lora_all", "serial_ffn"),
-            SINGLE, ("adalora", "full_ft", "lora_qv_same_total"), ALLOCATION)  # fmt: skip
+            SINGLE, ("adalora", "full_ft", "lora_qv_same_total"), ALLOCATION, DIAGNOSTIC)  # fmt: skip
 
 
 def _priority(method: str) -> int:
@@ -774,8 +805,10 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
     # every method against uniform LoRA q,v; single criteria also against random (the paper's
     # single > random); hybrid against everything
     everything = ("lora_qv", "random", *SINGLE, *UNIFORM[1:], *CONTROLS, *ALLOCATION, "adalora")
-    for a in ("hybrid", "random", *SINGLE, *UNIFORM[1:], *ALLOCATION):
+    for a in ("hybrid", "random", *SINGLE, *UNIFORM[1:], *ALLOCATION, *DIAGNOSTIC):
         bases = ("lora_qv", "random") if a in SINGLE + ALLOCATION else ("lora_qv",)
+        if a in DIAGNOSTIC:
+            bases = ("hybrid", "random", "lora_qv")
         if a == "hybrid":
             bases = everything
         for base in bases:
@@ -1013,7 +1046,7 @@ def _budget_spread(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]
     table = []
     for v in [cfg.variant, *sorted({r["variant"] for r in rows} - {cfg.variant, *SUPERSEDED})]:
         fin_v = fin if v == cfg.variant else final_rows(rows, replace(cfg, variant=v))
-        for m in (*SEARCH, *ALLOCATION):
+        for m in (*SEARCH, *ALLOCATION, *DIAGNOSTIC):
             runs = [
                 (t, s, r) for t in tasks for s, r in fin_v.get((t, SELECT_BUDGET, m), {}).items() if r["kept"]
             ]

@@ -72,6 +72,8 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
                 assert int(row["params"]) <= 1536 and row["kept"], method
             elif method in bq.UNIFORM:
                 assert int(row["params"]) <= 1536, method
+            elif method in bq.DIAGNOSTIC:
+                assert int(row["params"]) <= 1536 and row["kept"], method
             elif method in bq.ALLOCATION:
                 assert 0 < int(row["params"]) <= 1536 and row["kept"].startswith("lora:"), method
             rows.append({k: str(v) for k, v in row.items()} | {"machine": "test", "commit": "x"})
@@ -83,6 +85,7 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
     for uniform in ("lora_qkvo", "lora_all", "serial_ffn"):  # is the space the problem? uniform peers
         assert f"{uniform} − lora_qv |" in md and f"hybrid − {uniform} |" in md
     assert "spectral − lora_qv |" in md and "spectral − random |" in md and "hybrid − spectral |" in md
+    assert "hybrid_inverted − hybrid |" in md and "| default | hybrid_inverted |" in md
     # one task and no r2 runs: the rule cannot decide yet
     assert "`spectral`: the pre-registered rule" in md and "Decision: **pending**" in md
     assert "### `spectral`" in md and "| default | spectral |" in md  # its configurations, its budget spread
@@ -460,3 +463,24 @@ def test_spectral_rule_reads_the_validation_split_and_waits_for_every_pair(bq):
         fin[(t, "r2", "spectral")] = rows(0.749, 0.10)
     md = "\n".join(bq._spectral_rule(fin, list(cfg.tasks), cfg))
     assert md.count("| holds |") == 3 and "Decision: **adopt**" in md
+
+
+def test_hybrid_inverted_prunes_what_the_default_search_keeps(tiny):
+    """``hybrid_inverted`` (the criteria's diagnostic) sees the same warm-up as ``hybrid`` (same seed), so
+    its first round scores the same units (here under half of them go) and must prune units the default
+    search keeps, never the ones it prunes; the patch is gone after the run."""
+    from prunepeft import hybrid, pruner
+    from prunepeft.api import search
+
+    bq, cfg = tiny
+    task = _task("BBC", 0, 0)
+    pruned = {}
+    for method in ("hybrid", "hybrid_inverted"):
+        model, tok = _tiny(2, 0)
+        sc = bq.search_config(cfg, lr=1e-3, seed=0, budget=6000, steps=0, strategy="hybrid", **cfg.search)
+        with bq.inverted_scores() if method == "hybrid_inverted" else bq.contextlib.nullcontext():
+            res = search(model, task, config=sc, tokenizer=tok, log=None)
+        pruned[method] = set(res.history[0]["pruned"])
+        assert pruned[method], method
+    assert not pruned["hybrid"] & pruned["hybrid_inverted"]
+    assert pruner.balanced_scores is hybrid.balanced_scores
