@@ -15,10 +15,13 @@ sites that carry candidates in that state, each site's LoRA rank chosen so its p
 state's parameters at that site (adapter parameters included: peft LoRA has no serial adapters, so
 their site gets the LoRA of the same count); ranks are integers, the largest-remainder rounding
 keeps the total within one rank of a site of the state's. For ``lora_qv_r8`` that is peft LoRA r=8
-on q, v itself. Ablations of the full supernet: ``full_unfused`` (each site's bottleneck output
-added to its linear's output by a separate add, not inside the up-projection GEMM),
+on q, v itself. Ablations of the full supernet: ``full_untapped`` (each site calls its linear's own
+forward: the linear and the candidates' down-projection are not one node, ``prunepeft.ops.linear_tap``,
+so backward sums two input gradients and the up-projection's ``addmm`` copies the linear's output),
+``full_unfused`` (also each site's bottleneck output added to its linear's output by a separate add,
+not inside the up-projection GEMM),
 ``full_per_site`` (the reference path without the layout groups' shared down-projection GEMM) and
-``full_narrow_per_site`` (none of the three: also every slab a plain ``flat.narrow`` view, as before
+``full_narrow_per_site`` (none of these: also every slab a plain ``flat.narrow`` view, as before
 issue 12).
 
 Step time, per variant and thread count (1 and 2): the median of ``--repeat`` training steps
@@ -115,12 +118,17 @@ def narrow_views(self, spans):
 # --------------------------------------------------------------------------- states
 
 
-def build_supernet(model, keep=None, narrow=False, per_site=False):
+def build_supernet(model, keep=None, narrow=False, per_site=False, untapped=False):
     """The supernet on ``model``, compacted to the original block ids ``keep`` (None: all)."""
     from prunepeft import attach
+    from prunepeft.modules import BottleneckSite
 
     handle = attach(model, minilm_supernet_config())
     bank = handle.bank
+    if untapped:  # every site calls its linear's own forward (the path before linear_tap)
+        for m in model.modules():
+            if isinstance(m, BottleneckSite):
+                m._tapped_base = lambda x, bank: None
     if keep is not None:
         mask = torch.zeros(bank.num_blocks, dtype=torch.bool)
         mask[torch.tensor(keep, dtype=torch.int64)] = True
@@ -220,12 +228,12 @@ def variants(states: list[dict], quick: bool) -> list[dict]:
     for st in states:
         out.append(dict(variant=f"supernet_{st['state']}", kind="supernet", **st))
         if st["state"] == "full":
-            extra = [("full_narrow_per_site", True, True, True)] if quick else [
-                ("full_unfused", False, False, True), ("full_per_site", False, True, False),
-                ("full_narrow_per_site", True, True, True)]  # fmt: skip
-            for name, narrow, per_site, unfused in extra:
+            extra = [("full_narrow_per_site", True, True, True, True)] if quick else [
+                ("full_untapped", False, False, False, True), ("full_unfused", False, False, True, True),
+                ("full_per_site", False, True, False, False), ("full_narrow_per_site", True, True, True, True)]  # fmt: skip
+            for name, narrow, per_site, unfused, untapped in extra:
                 out.append(dict(variant=f"supernet_{name}", kind="supernet", narrow=narrow, per_site=per_site,
-                                unfused=unfused, **st))  # fmt: skip
+                                unfused=unfused, untapped=untapped, **st))  # fmt: skip
         peft_name = "peft_lora_qv_r8" if st["state"] == "lora_qv_r8" else f"peft_equal_{st['state']}"
         out.append(dict(variant=peft_name, kind="peft", **st))
     return out
@@ -296,7 +304,7 @@ def _unfused_residual():
 
     fused = ops._up
 
-    def up(h, ut, pieces, unit_scale, h_abs_sum, acc=None):
+    def up(h, ut, pieces, unit_scale, h_abs_sum, acc=None, inplace=False):
         out = fused(h, ut, pieces, unit_scale, h_abs_sum)
         return out if acc is None else acc + out.to(acc.dtype)
 
@@ -317,7 +325,9 @@ def prepare(v: dict, base, batch, device: str):
         params = [p for p in model.parameters() if p.requires_grad]
         bank = None
     else:
-        handle = build_supernet(model, v.get("keep"), v.get("narrow", False), v.get("per_site", False))
+        handle = build_supernet(
+            model, v.get("keep"), v.get("narrow", False), v.get("per_site", False), v.get("untapped", False)
+        )
         bank, trainable = handle.bank, handle.num_trainable()
         params = list(handle.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)

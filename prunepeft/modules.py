@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .bank import ModuleBank
-from .ops import bottleneck, bottleneck_group, bottleneck_stacked, use_triton
+from .ops import bottleneck, bottleneck_group, bottleneck_stacked, bottleneck_tapped, linear_tap, use_triton
 
 
 class BottleneckSite(nn.Module):
@@ -48,18 +48,26 @@ class BottleneckSite(nn.Module):
         self.__dict__["bank"] = bank
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
         bank: ModuleBank = self.__dict__["bank"]
         # statistics come from training forwards only: an evaluation leaves them untouched
         collect = self.training and torch.is_grad_enabled()
+        tapped = None if args or kwargs else self._tapped_base(x, bank)
+        y = None  # the linear's output plus the input-tap candidates', when computed together (tapped)
         grouped = None  # this site's input-tap output, computed with its layout group
         gid = bank.input_group(self.site_name)
         if gid is not None:
             pending, grouped = bank.take_group_output(self.site_name, x)
             # the reference path groups training forwards only (see the module docstring)
             if not pending and (torch.is_grad_enabled() or use_triton(x, bank.flat)):
-                grouped = self._group_forward(bank, gid, x, collect)
+                grouped, y = self._group_forward(bank, gid, x, collect, tapped)
+        elif tapped is not None:
+            y = self._tapped_forward(bank, x, tapped, collect)
+        input_done = y is not None
+        if y is None:
+            y = self.base(x, *args, **kwargs)
         for tap in ("input", "output"):
+            if tap == "input" and input_done:
+                continue
             if tap == "input" and grouped is not None:
                 y = grouped(y) if callable(grouped) else y + grouped.to(y.dtype)
                 continue
@@ -74,17 +82,24 @@ class BottleneckSite(nn.Module):
             y = bottleneck(inp.to(d.dtype), d, ut, pieces, scale, act, acc=y)
         return y
 
-    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor, collect: bool):
+    def _group_forward(self, bank: ModuleBank, gid: int, x: torch.Tensor, collect: bool, tapped=None):
         """All input-tap outputs of group ``gid`` on ``x`` (one launch, or one down-projection GEMM);
         the siblings' are stashed. On the reference path each output is pending: a function of the
-        site's linear output ``y`` that returns ``y`` plus the site's bottleneck."""
+        site's linear output ``y`` that returns ``y`` plus the site's bottleneck.
+
+        Returns ``(output, None)``, or with ``tapped`` (see :meth:`_tapped_base`) ``(None, y)``: the
+        linear's output with this site's candidates added, the linear and the group's down-projection
+        computed by one node (:func:`~prunepeft.ops.linear_tap`)."""
         act = bank.group_activation_buffer(gid, x.numel() // x.shape[-1]) if collect else None
+        y = h = None
         if use_triton(x, bank.flat):
             region, layout, scale = bank.group(gid)
             outs = bottleneck_group(x.to(region.dtype), region, layout, scale, act)
         else:
             d, sites, layout, scale = bank.group_slabs(gid)
-            outs = bottleneck_stacked(x.to(d.dtype), d, sites, scale, act, lazy=True)
+            if tapped is not None:
+                y, h = linear_tap(x, *tapped, d)
+            outs = bottleneck_stacked(x.to(d.dtype), d, sites, scale, act, lazy=True, h=h)
         mine = None
         rest = {}
         for s, out in zip(layout.sites, outs, strict=True):
@@ -93,7 +108,40 @@ class BottleneckSite(nn.Module):
             else:
                 rest[s.site] = out
         bank.stash_group_outputs(gid, x, rest)
-        return mine
+        if y is None:
+            return mine, None
+        y = y if mine is None else mine(y, inplace=True)
+        return None, y.view(*x.shape[:-1], y.shape[-1])
+
+    def _tapped_base(self, x: torch.Tensor, bank: ModuleBank):
+        """``(weight, bias)`` of the wrapped linear when this forward computes it together with the
+        input-tap candidates' down-projection (:func:`~prunepeft.ops.linear_tap`: one input gradient
+        instead of two summed, the up-projection added in place); else None. Only training forwards on
+        the reference path, a plain ``nn.Linear`` that is frozen and has no hooks (its forward is not
+        called then), no autocast, one dtype throughout."""
+        base = self.base
+        if type(base) is not nn.Linear or not torch.is_grad_enabled() or use_triton(x, bank.flat):
+            return None
+        w, b = base.weight, base.bias
+        if w.requires_grad or (b is not None and b.requires_grad) or torch.is_autocast_enabled(x.device.type):
+            return None
+        if not (x.dtype == w.dtype == bank.flat.dtype) or x.device != w.device:
+            return None
+        hooks = (base._forward_hooks, base._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+                 nn.modules.module._global_forward_pre_hooks)  # fmt: skip
+        return None if any(hooks) else (w, b)
+
+    def _tapped_forward(
+        self, bank: ModuleBank, x: torch.Tensor, tapped, collect: bool
+    ) -> torch.Tensor | None:
+        """The linear's output plus this site's input-tap candidates, computed together (see
+        :meth:`_tapped_base`); None when no live candidate reads the input."""
+        slab = bank.slab(self.site_name, "input")
+        if slab is None:
+            return None
+        d, ut, pieces, scale = slab
+        act = bank.activation_buffer(self.site_name, "input", x.numel() // x.shape[-1]) if collect else None
+        return bottleneck_tapped(x, *tapped, d, ut, pieces, scale, act)
 
     def __getattr__(self, name: str):
         # behave like the wrapped layer for code that reads e.g. `.weight`, `.in_features`, `.nf`

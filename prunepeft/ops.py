@@ -225,6 +225,61 @@ class FlatGrad:
         return _FlatViews.apply(self.token, self.flat.detach(), self.sink, tuple(spans))
 
 
+class _LinearTap(torch.autograd.Function):
+    """``(x @ w.T + b, x @ d.T)`` as 2-D ``[tokens, out]`` and ``[tokens, width]``: a frozen linear and
+    the down-projection of the candidates that read its input, one autograd node. Its backward writes
+    the input's gradient once, ``gy @ w`` and then ``+= gh @ d`` in place, where autograd would make
+    two full-size gradients of ``x`` and add them; neither output is a view or saved, so the caller may
+    add the up-projection into ``y`` in place (:func:`_up`'s ``inplace``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, d):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, w, d)
+        ctx.x_shape = x.shape
+        y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
+        return y, x2 @ d.t()
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        x2, w, d = ctx.saved_tensors
+        gx = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ w).addmm_(gh, d).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            gd = gh.t() @ x2
+        return gx, None, None, gd
+
+
+def linear_tap(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ weight.T + bias, x @ d.T)`` flattened to 2-D, in one autograd node (:class:`_LinearTap`).
+
+    For a frozen ``weight`` / ``bias`` (neither gets a gradient) in training forwards on the reference
+    path: the site's linear and its input-tap candidates' down-projection, whose input gradients
+    backward sums in place. Reshape ``y`` to ``[..., out]`` after adding the up-projection.
+    """
+    return _LinearTap.apply(x, weight, bias, d)
+
+
+def bottleneck_tapped(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    d: torch.Tensor,
+    ut: torch.Tensor,
+    pieces: Sequence[Piece],
+    unit_scale: torch.Tensor,
+    h_abs_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias + bottleneck(x)`` (:func:`bottleneck_reference` with ``acc`` the frozen
+    linear's output), the linear and the down-projection in one node (:func:`linear_tap`), the
+    up-projection added into the linear's output in place. ``[..., out]``."""
+    y, h = linear_tap(x, weight, bias, d)
+    return _up(h, ut, pieces, unit_scale, h_abs_sum, y, inplace=True).view(*x.shape[:-1], y.shape[-1])
+
+
 def use_triton(x: torch.Tensor, d: torch.Tensor) -> bool:
     """Whether :func:`bottleneck` on input ``x`` and parameters like ``d`` runs the Triton kernels."""
     forced = os.environ.get("PRUNEPEFT_BACKEND", "").lower()
@@ -314,6 +369,7 @@ def bottleneck_stacked(
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None = None,
     lazy: bool = False,
+    h: torch.Tensor | None = None,
 ) -> list:
     """The bottlenecks of several sites that read ``x``, whose ``D`` rows are stacked in ``d``.
 
@@ -330,12 +386,13 @@ def bottleneck_stacked(
         sites: per site, its ``Ut`` ``[width, out]`` and pieces (units relative to the site).
         unit_scale: ``[sum of widths]``.
         h_abs_sum: optional float32 ``[sum of widths]`` buffer (see :func:`bottleneck_reference`).
+        h: ``x @ d.T`` when the caller computed it already (:func:`linear_tap`).
 
     Returns:
         One ``[..., out]`` tensor per site.
     """
     widths = [ut.shape[0] for ut, _ in sites]
-    h = x @ d.t()
+    h = x @ d.t() if h is None else h
     hs = h.split(widths, dim=-1) if len(sites) > 1 else (h,)
     scales = unit_scale.split(widths)
     habs = h_abs_sum.split(widths) if h_abs_sum is not None else (None,) * len(sites)
@@ -397,8 +454,11 @@ def _up(
     unit_scale: torch.Tensor,
     h_abs_sum: torch.Tensor | None,
     acc: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """:func:`bottleneck_reference` after the down-projection ``h = x @ d.T``."""
+    """:func:`bottleneck_reference` after the down-projection ``h = x @ d.T``. ``inplace``: ``acc`` is
+    a 2-D tensor nothing else reads or saved (:func:`linear_tap`'s ``y``), and the up-projection is
+    added into it (no copy of ``acc`` into a fresh output)."""
     simple = all(p.activation == "identity" and p.bd is None for p in pieces)
     if not simple:
         parts = []
@@ -412,7 +472,9 @@ def _up(
             h_abs_sum += h.detach().abs().reshape(-1, h.shape[-1]).sum(0).to(h_abs_sum.dtype)
     hs = h * unit_scale
     fused = acc is not None and acc.dtype == hs.dtype and torch.is_grad_enabled()
-    if fused:  # acc + hs @ ut in one GEMM; its backward passes the gradient to acc as it is
+    if fused and inplace:
+        out = acc.addmm_(hs.reshape(-1, hs.shape[-1]), ut)
+    elif fused:  # acc + hs @ ut in one GEMM; its backward passes the gradient to acc as it is
         out = torch.addmm(acc.reshape(-1, acc.shape[-1]), hs.reshape(-1, hs.shape[-1]), ut).view(acc.shape)
     else:
         out = hs @ ut

@@ -364,3 +364,48 @@ def test_bottleneck_adds_itself_to_the_linear_output_in_one_gemm():
             bottleneck_reference(x, d, ut, pieces, scale, acc=y64),
             y64 + bottleneck_reference(x, d, ut, pieces, scale).double(),
         )
+
+
+def _graph_nodes(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_tapped_linear_equals_the_separate_path(monkeypatch):
+    """Training forwards compute a frozen ``nn.Linear`` and its input-tap candidates' down-projection
+    in one node (``linear_tap``: one input gradient, the up-projection added in place): the loss, the
+    bank's gradient and the input's gradient (trainable embeddings) equal the separate path (the
+    linear's own forward, autograd summing two input gradients) to float rounding; the grouped q/k/v
+    and the lone o site both take it; a linear with a forward hook keeps its own forward."""
+    monkeypatch.setenv("PRUNEPEFT_BACKEND", "reference")
+    got = {}
+    for tapped in (True, False):
+        model, batch, handle = _supernet(False)
+        emb = model.bert.embeddings.word_embeddings.weight
+        emb.requires_grad_(True)
+        if not tapped:
+            monkeypatch.setattr(BottleneckSite, "_tapped_base", lambda self, x, bank: None)
+        loss = model(**batch).loss
+        nodes = _graph_nodes(loss)
+        loss.backward()
+        got[tapped] = (loss.detach(), handle.bank.flat.grad.clone(), emb.grad.clone(), nodes)
+    layers = model.config.num_hidden_layers
+    assert got[True][3].count("_LinearTapBackward") == 2 * layers  # per layer: the q/k/v group, o
+    assert "_LinearTapBackward" not in got[False][3]
+    for a, b in zip(got[True][:3], got[False][:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+    monkeypatch.setenv("PRUNEPEFT_BACKEND", "reference")
+    model, batch, handle = _supernet(False)
+    fired = []
+    o = model.bert.encoder.layer[0].attention.output.dense
+    o.base.register_forward_hook(lambda *a: fired.append(1))
+    loss = model(**batch).loss
+    assert fired == [1] and _graph_nodes(loss).count("_LinearTapBackward") == 2 * layers - 1
