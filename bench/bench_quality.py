@@ -707,6 +707,7 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines += [f"### `{m}`", "", f"The same for {m} (budget r8).", "", *found]
     lines += _budget_spread(rows, fin, cfg)
     lines += _spectral_rule(fin, task_list, cfg)
+    lines += _inverted_section(fin, task_list, cfg)
     lines += _variants(rows, fin, cfg)
     lines += _superseded(rows, cfg)
     md = "\n".join(lines) + "\n"
@@ -725,6 +726,32 @@ SPECTRAL_RULE = (
     ("not clearly below uniform LoRA q,v at the small budget", "r2", "spectral", "lora_qv",
      lambda m, lo: lo > -1.0, "95 % CI lower end > -1.0"),
 )  # fmt: skip
+
+
+def _inverted_section(fin, task_list, cfg: QualityConfig) -> list[str]:
+    """``hybrid_inverted`` against the default search, random pruning and uniform LoRA q,v at r8, on
+    the eval set and on the validation split (seeds every method has)."""
+    rows = []
+    for base in ("hybrid", "random", "lora_qv"):
+        cells = []
+        for col in ("value", "val"):
+            d = [
+                x for *_, x in paired(fin, task_list, SELECT_BUDGET, "hybrid_inverted", base, cfg.seeds, col)
+            ]
+            if not d:
+                break
+            lo, hi = bootstrap_ci(d)
+            cells.append(f"{statistics.fmean(d):+.2f} | [{lo:+.2f}, {hi:+.2f}]")
+        if len(cells) == 2:
+            rows.append(f"| hybrid_inverted − {base} | {len(d)} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return []
+    return ["## `hybrid_inverted`: does the criteria's order matter?", "",
+            f"The default search keeping, every round, the units it would have pruned (budget {SELECT_BUDGET}; "
+            "same warm-up, schedule and balance; its own learning rate). Paired by (task, seed), points, 95 % "
+            "bootstrap interval.", "",
+            "| comparison | pairs | eval mean | eval 95 % CI | val mean | val 95 % CI |",
+            "|---|---:|---:|---:|---:|---:|", *rows, ""]  # fmt: skip
 
 
 def _spectral_rule(fin, task_list, cfg: QualityConfig) -> list[str]:

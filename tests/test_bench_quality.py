@@ -86,6 +86,7 @@ def test_every_method_runs_and_the_report_pairs_them(tiny):
         assert f"{uniform} − lora_qv |" in md and f"hybrid − {uniform} |" in md
     assert "spectral − lora_qv |" in md and "spectral − random |" in md and "hybrid − spectral |" in md
     assert "hybrid_inverted − hybrid |" in md and "| default | hybrid_inverted |" in md
+    assert "## `hybrid_inverted`: does the criteria's order matter?" in md
     # one task and no r2 runs: the rule cannot decide yet
     assert "`spectral`: the pre-registered rule" in md and "Decision: **pending**" in md
     assert "### `spectral`" in md and "| default | spectral |" in md  # its configurations, its budget spread
