@@ -26,6 +26,13 @@ In training forwards on the reference path every site adds its candidates' outpu
 output inside the up-projection GEMM (``addmm``, the ``acc`` of :func:`prunepeft.ops.bottleneck_reference`):
 no full-size tensor of the bottleneck alone and no separate add per site. A group's siblings are
 stashed as their pending up-projections for that reason (each takes its own linear's output).
+
+Where the wrapped layer is a frozen plain ``nn.Linear`` without hooks (and no autocast, one dtype),
+a training forward on the reference path computes the linear itself, together with its input-tap
+candidates' down-projection (the group's, for the site that computes the group), in one autograd node
+(:func:`prunepeft.ops.linear_tap`): backward writes the input's gradient once instead of summing two
+full-size ones, and the up-projection is added into the linear's output in place. Any other base (4-bit,
+GPT-2 ``Conv1D``, a hooked or trainable linear) keeps its own forward.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ on its slice.
 slabs as views of the flat parameter, made by :meth:`FlatGrad.views`, whose gradients are written into
 one zero-initialised full-size buffer per backward pass and handed to autograd once, as the flat
 parameter's gradient (instead of one full-size zero tensor per ``narrow`` view, summed).
+
+:func:`linear_tap` / :func:`bottleneck_tapped` compute a frozen linear and the down-projection of
+the candidates that read its input as one autograd node (the input's gradient written once), the
+up-projection added into the linear's output in place (:mod:`prunepeft.modules`).
 """
 
 from __future__ import annotations
