@@ -599,6 +599,12 @@ def bootstrap_ci(xs: list[float], n: int = 10_000, seed: int = 0) -> tuple[float
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
+def _mean_ci(diffs: list[float]) -> str:
+    """``mean | [lo, hi]`` (two table cells): the paired differences' mean and 95 % bootstrap interval."""
+    lo, hi = bootstrap_ci(diffs)
+    return f"{statistics.fmean(diffs):+.2f} | [{lo:+.2f}, {hi:+.2f}]"
+
+
 def final_rows(rows: list[dict], cfg: QualityConfig, retry: bool = True) -> dict[tuple, dict[int, dict]]:
     """(task, budget, method) -> {seed: row} at the selected learning rate; with ``retry``, a run that
     collapsed (:func:`collapsed`) is replaced by the same run at the next smaller rate, once it exists."""
@@ -733,17 +739,12 @@ def _inverted_section(fin, task_list, cfg: QualityConfig) -> list[str]:
     the eval set and on the validation split (seeds every method has)."""
     rows = []
     for base in ("hybrid", "random", "lora_qv"):
-        cells = []
-        for col in ("value", "val"):
-            d = [
-                x for *_, x in paired(fin, task_list, SELECT_BUDGET, "hybrid_inverted", base, cfg.seeds, col)
-            ]
-            if not d:
-                break
-            lo, hi = bootstrap_ci(d)
-            cells.append(f"{statistics.fmean(d):+.2f} | [{lo:+.2f}, {hi:+.2f}]")
-        if len(cells) == 2:
-            rows.append(f"| hybrid_inverted − {base} | {len(d)} | {cells[0]} | {cells[1]} |")
+        ev, val = (
+            [x for *_, x in paired(fin, task_list, SELECT_BUDGET, "hybrid_inverted", base, cfg.seeds, col)]
+            for col in ("value", "val")
+        )
+        if ev:
+            rows.append(f"| hybrid_inverted − {base} | {len(ev)} | {_mean_ci(ev)} | {_mean_ci(val)} |")
     if not rows:
         return []
     return ["## `hybrid_inverted`: does the criteria's order matter?", "",
@@ -962,8 +963,7 @@ def _variants(rows: list[dict], fin: dict, cfg: QualityConfig) -> list[str]:
             label = f"{a} − {base if ':' in base else f'{cfg.variant}:{base}'}"
             row = _pair_row(label, per_task, [x for _, _, x in pairs])
             val = [x for _, _, x in paired(both, task_list, SELECT_BUDGET, a, base, cfg.seeds, "val")]
-            lo, hi = bootstrap_ci(val)
-            out.append(row + f" {statistics.fmean(val):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
+            out.append(row + f" {_mean_ci(val)} |")
         note = _collapse_note(rows, replace(cfg, variant=v), SELECT_BUDGET)
         out += ["", *note[:-1]] if note else []
         costs = _cost_rows(both, task_list, replace(cfg, methods=tuple(f"{v}:{m}" for m in searched)))
