@@ -25,7 +25,9 @@ Protocol (``QualityConfig``, the same for every method):
   + 1 point, or Pearson r <= 0.1) is replaced by the same run at the next smaller rate of the grid, the
   retry a user who sees the validation split would make; chance tasks are exempt; the report lists every
   replacement and the headline as run without it.
-- Budgets: ``r8`` = peft LoRA r=8 on query,value (73,728 parameters on MiniLM) and ``r2`` = r=2 (18,432).
+- Budgets: ``r8`` = peft LoRA r=8 on query,value (73,728 parameters on MiniLM) and ``r2`` = r=2 (18,432);
+  every method runs at both (``r2_methods``) but ``lora_all`` (none fits r2), the r8-only diagnostic and
+  full fine-tuning.
 - Methods: ``hybrid`` (prunepeft's defaults), ``random``, single criteria (``taylor``, ``gradient``,
   ``activation``, ``weight``) -- all with the library's default space and search settings;
   uniform configurations at the budget: ``lora_qv`` (the default a user would guess), ``lora_qkvo``
@@ -121,7 +123,17 @@ class QualityConfig:
     tasks: tuple[str, ...] = ("SST-2", "AGNews", "STS-B", "BBC", "QNLI", "RTE")
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[str, ...] = ("r8", "r2")
-    r2_methods: tuple[str, ...] = ("hybrid", "random", "lora_qv", "lora_qkvo", "serial_ffn", "spectral")
+    # every method but the r8-only diagnostic and the budget-free full fine-tuning (lora_all: none fits r2)
+    r2_methods: tuple[str, ...] = (
+        "hybrid",
+        "random",
+        *SINGLE,
+        "lora_qv",
+        "lora_qkvo",
+        "serial_ffn",
+        "spectral",
+        "adalora",
+    )
     seeds: tuple[int, ...] = (0, 1, 2)
     lrs: tuple[float, ...] = (1e-3, 3e-3)
     full_ft_lrs: tuple[float, ...] = (3e-5, 1e-4)
