@@ -709,6 +709,7 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines.append(f"| {m} | {p} | {'/'.join(lrs)} | " + " | ".join(cells) + f" | {avg} |")
         if b in BUDGETS:
             lines += _oracle_row(fin, task_list, b, cfg)
+            lines += _oracle_row(fin, task_list, b, cfg, val_choice, VAL_CHOICE_LABEL)
             table = _paired_table(fin, task_list, b, cfg)
             as_run = paired(final_rows(rows, cfg, retry=False), task_list, b, "hybrid", "lora_qv", cfg.seeds)
             if as_run and as_run != paired(fin, task_list, b, "hybrid", "lora_qv", cfg.seeds):
@@ -814,26 +815,51 @@ def oracle_choice(fin, task: str, budget: str, cfg: QualityConfig) -> tuple[str,
     return best
 
 
-def _oracle_row(fin, task_list, b, cfg) -> list[str]:
+def val_choice(fin, task: str, budget: str, cfg: QualityConfig) -> tuple[str, float] | None:
+    """The uniform configuration a user could pick without the eval set: the best validation-split metric
+    at the first seed (the learning-rate rule's seed), among those with every :func:`oracle_seeds`; ties go
+    to the earlier of :data:`UNIFORM` (LoRA q,v first). ``(method, mean eval metric over those seeds)``:
+    what choosing among the uniform configurations honestly gives, for one training per configuration."""
+    seeds, best = oracle_seeds(cfg), None
+    for m in UNIFORM:
+        got = fin.get((task, budget, m), {})
+        if all(s in got for s in seeds) and (best is None or float(got[seeds[0]]["val"]) > best[1]):
+            best = (m, float(got[seeds[0]]["val"]))
+    if best is None:
+        return None
+    got = fin[(task, budget, best[0])]
+    return best[0], statistics.fmean(100 * float(got[s]["value"]) for s in seeds)
+
+
+def _oracle_row(fin, task_list, b, cfg, choice=oracle_choice, label: str = "") -> list[str]:
     cells, means = [], []
     for t in task_list:
-        best = oracle_choice(fin, t, b, cfg)
+        best = choice(fin, t, b, cfg)
         cells.append(f"{best[1]:.1f} ({best[0]})" if best else "–")
         if best:
             means.append(best[1])
     avg = f"{statistics.fmean(means):.1f}" if len(means) == len(task_list) and means else "–"
     seeds = ", ".join(map(str, oracle_seeds(cfg)))
-    return [f"| best uniform in hindsight (oracle: reads the eval set; seeds {seeds}) | | | "
-            + " | ".join(cells) + f" | {avg} |"]  # fmt: skip
+    label = label or "best uniform in hindsight (oracle: reads the eval set"
+    return [f"| {label}; seeds {seeds}) | | | " + " | ".join(cells) + f" | {avg} |"]
 
 
-def _oracle_pairs(fin, task_list, b, a: str, cfg) -> list[tuple[str, int, float]]:
-    """(task, seed, a - the task's oracle configuration) on :func:`oracle_seeds`."""
+VAL_CHOICE_LABEL = (
+    f"uniform chosen on the validation split (seed {QualityConfig.seeds[0]}; one training per configuration"
+)
+
+
+def _oracle_pairs(
+    fin, task_list, b, a: str, cfg, choice=oracle_choice, flip: bool = False
+) -> list[tuple[str, int, float]]:
+    """(task, seed, a - the task's configuration by ``choice``; with ``flip``, that configuration - a) on
+    :func:`oracle_seeds`."""
     out = []
     for t in task_list:
-        best = oracle_choice(fin, t, b, cfg)
+        best = choice(fin, t, b, cfg)
         if best is not None:
-            out += paired(fin, [t], b, a, best[0], oracle_seeds(cfg))
+            x, y = (best[0], a) if flip else (a, best[0])
+            out += paired(fin, [t], b, x, y, oracle_seeds(cfg))
     return out
 
 
@@ -866,12 +892,14 @@ def _paired_table(fin, task_list, b, cfg) -> list[str]:
                         f"{a} − {base}, without {', '.join(cfg.chance_tasks)} (at chance)", cells, learned
                     )
                 )
-    pairs = _oracle_pairs(fin, task_list, b, "hybrid", cfg)
-    if pairs:
-        diffs = [x for _, _, x in pairs]
-        out.append(
-            _pair_row("hybrid − best uniform in hindsight (oracle)", _task_cells(pairs, task_list), diffs)
-        )
+    for label, a, choice, flip in (
+        ("hybrid − best uniform in hindsight (oracle)", "hybrid", oracle_choice, False),
+        ("hybrid − uniform chosen on the validation split", "hybrid", val_choice, False),
+        ("uniform chosen on the validation split − lora_qv", "lora_qv", val_choice, True),
+    ):
+        pairs = _oracle_pairs(fin, task_list, b, a, cfg, choice, flip)
+        if pairs:
+            out.append(_pair_row(label, _task_cells(pairs, task_list), [x for _, _, x in pairs]))
     return out
 
 

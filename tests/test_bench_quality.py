@@ -125,6 +125,27 @@ def test_oracle_is_the_best_uniform_configuration_on_the_seeds_all_of_them_share
     assert bq.oracle_choice({}, "T", "r8", cfg) is None
 
 
+def test_val_choice_reads_the_validation_split_at_the_first_seed_only(bq):
+    def row(val, value):
+        return {"val": str(val), "value": str(value)}
+
+    cfg = bq.QualityConfig(seeds=(0, 1, 2))
+    fin = {("T", "r8", "lora_qv"): {s: row(0.70, 0.80) for s in range(3)},
+           # best on the eval set but not on the validation split at seed 0: not chosen
+           ("T", "r8", "lora_all"): {0: row(0.69, 0.95), 1: row(0.99, 0.95), 2: row(0.99, 0.95)},
+           ("T", "r8", "lora_qkvo"): {0: row(0.75, 0.70), 1: row(0.1, 0.76), 2: row(0.1, 0.73)},
+           ("T", "r8", "serial_ffn"): {0: row(0.99, 0.99)},  # lacks seeds 1, 2: cannot compete
+           ("T", "r8", "hybrid"): {s: row(0.5, 0.74) for s in range(3)}}  # fmt: skip
+    m, mean = bq.val_choice(fin, "T", "r8", cfg)
+    assert m == "lora_qkvo" and mean == pytest.approx(73.0)
+    assert bq.oracle_choice(fin, "T", "r8", cfg)[0] == "lora_all"
+    pairs = bq._oracle_pairs(fin, ["T"], "r8", "lora_qv", cfg, bq.val_choice, flip=True)
+    assert [(s, round(x, 6)) for _, s, x in pairs] == [(0, -10.0), (1, -4.0), (2, -7.0)]
+    tied = {k: {s: row(0.70, r["value"]) for s, r in v.items()} for k, v in fin.items()}
+    assert bq.val_choice(tied, "T", "r8", cfg)[0] == "lora_qv"  # ties: LoRA q,v, the default
+    assert "73.0 (lora_qkvo)" in bq._oracle_row(fin, ["T"], "r8", cfg, bq.val_choice, bq.VAL_CHOICE_LABEL)[0]
+
+
 def test_bootstrap_interval(bq):
     lo, hi = bq.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0
