@@ -709,7 +709,7 @@ def write_report(cfg: QualityConfig, rows: list[dict], command: str = "") -> str
             lines.append(f"| {m} | {p} | {'/'.join(lrs)} | " + " | ".join(cells) + f" | {avg} |")
         if b in BUDGETS:
             lines += _oracle_row(fin, task_list, b, cfg)
-            lines += _oracle_row(fin, task_list, b, cfg, val_choice, VAL_CHOICE_LABEL)
+            lines += _oracle_row(fin, task_list, b, cfg, val_choice, val_choice_label(cfg))
             table = _paired_table(fin, task_list, b, cfg)
             as_run = paired(final_rows(rows, cfg, retry=False), task_list, b, "hybrid", "lora_qv", cfg.seeds)
             if as_run and as_run != paired(fin, task_list, b, "hybrid", "lora_qv", cfg.seeds):
@@ -844,9 +844,11 @@ def _oracle_row(fin, task_list, b, cfg, choice=oracle_choice, label: str = "") -
     return [f"| {label}; seeds {seeds}) | | | " + " | ".join(cells) + f" | {avg} |"]
 
 
-VAL_CHOICE_LABEL = (
-    f"uniform chosen on the validation split (seed {QualityConfig.seeds[0]}; one training per configuration"
-)
+def val_choice_label(cfg: QualityConfig) -> str:
+    """The row label of :func:`val_choice` (the seed it reads is the learning-rate rule's)."""
+    return (
+        f"uniform chosen on the validation split (seed {oracle_seeds(cfg)[0]}; one training per configuration"
+    )
 
 
 def _oracle_pairs(

@@ -143,7 +143,13 @@ def test_val_choice_reads_the_validation_split_at_the_first_seed_only(bq):
     assert [(s, round(x, 6)) for _, s, x in pairs] == [(0, -10.0), (1, -4.0), (2, -7.0)]
     tied = {k: {s: row(0.70, r["value"]) for s, r in v.items()} for k, v in fin.items()}
     assert bq.val_choice(tied, "T", "r8", cfg)[0] == "lora_qv"  # ties: LoRA q,v, the default
-    assert "73.0 (lora_qkvo)" in bq._oracle_row(fin, ["T"], "r8", cfg, bq.val_choice, bq.VAL_CHOICE_LABEL)[0]
+    assert "seed 0;" in bq.val_choice_label(cfg) and "seed 1;" in bq.val_choice_label(
+        bq.QualityConfig(seeds=(1, 2, 3))
+    )
+    assert (
+        "73.0 (lora_qkvo)"
+        in bq._oracle_row(fin, ["T"], "r8", cfg, bq.val_choice, bq.val_choice_label(cfg))[0]
+    )
 
 
 def test_bootstrap_interval(bq):
