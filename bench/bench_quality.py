@@ -802,17 +802,29 @@ def oracle_seeds(cfg: QualityConfig) -> tuple[int, ...]:
     return tuple(cfg.seeds[:3])
 
 
-def oracle_choice(fin, task: str, budget: str, cfg: QualityConfig) -> tuple[str, float] | None:
-    """The uniform configuration with the best mean eval metric on ``task`` over :func:`oracle_seeds`
-    (only configurations that have every one of those seeds compete): ``(method, mean)``."""
+def _best_uniform(fin, task: str, budget: str, cfg: QualityConfig, rank) -> tuple[str, float] | None:
+    """The uniform configuration with the highest ``rank(runs, seeds)`` on ``task``, among those that have
+    every one of :func:`oracle_seeds` (ties: the earlier of :data:`UNIFORM`, LoRA q,v first):
+    ``(method, its mean eval metric over those seeds)``."""
     seeds, best = oracle_seeds(cfg), None
     for m in UNIFORM:
         got = fin.get((task, budget, m), {})
         if all(s in got for s in seeds):
-            mean = statistics.fmean(100 * float(got[s]["value"]) for s in seeds)
-            if best is None or mean > best[1]:
-                best = (m, mean)
-    return best
+            r = rank(got, seeds)
+            if best is None or r > best[1]:
+                best = (m, r)
+    if best is None:
+        return None
+    got = fin[(task, budget, best[0])]
+    return best[0], statistics.fmean(100 * float(got[s]["value"]) for s in seeds)
+
+
+def oracle_choice(fin, task: str, budget: str, cfg: QualityConfig) -> tuple[str, float] | None:
+    """The uniform configuration with the best mean eval metric on ``task`` over :func:`oracle_seeds`
+    (only configurations that have every one of those seeds compete): ``(method, mean)``."""
+    return _best_uniform(
+        fin, task, budget, cfg, lambda got, seeds: statistics.fmean(float(got[s]["value"]) for s in seeds)
+    )
 
 
 def val_choice(fin, task: str, budget: str, cfg: QualityConfig) -> tuple[str, float] | None:
@@ -820,15 +832,7 @@ def val_choice(fin, task: str, budget: str, cfg: QualityConfig) -> tuple[str, fl
     at the first seed (the learning-rate rule's seed), among those with every :func:`oracle_seeds`; ties go
     to the earlier of :data:`UNIFORM` (LoRA q,v first). ``(method, mean eval metric over those seeds)``:
     what choosing among the uniform configurations honestly gives, for one training per configuration."""
-    seeds, best = oracle_seeds(cfg), None
-    for m in UNIFORM:
-        got = fin.get((task, budget, m), {})
-        if all(s in got for s in seeds) and (best is None or float(got[seeds[0]]["val"]) > best[1]):
-            best = (m, float(got[seeds[0]]["val"]))
-    if best is None:
-        return None
-    got = fin[(task, budget, best[0])]
-    return best[0], statistics.fmean(100 * float(got[s]["value"]) for s in seeds)
+    return _best_uniform(fin, task, budget, cfg, lambda got, seeds: float(got[seeds[0]]["val"]))
 
 
 def _oracle_row(fin, task_list, b, cfg, choice=oracle_choice, label: str = "") -> list[str]:
