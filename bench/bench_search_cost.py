@@ -7,9 +7,18 @@ trained ``steps`` steps with the same loop, batches and schedule (peft's own LoR
 seed and learning rate, one process, one thread, in one run. Rows: the total ratio and the search's
 breakdown (warm-up, rounds, scoring / compaction, validation checks, checkpoints, final training).
 
-    python bench/bench_search_cost.py [--task SST-2] [--steps 200] [--seeds 0 1] [--repeat 1]
+    python bench/bench_search_cost.py [--task SST-2] [--steps 200] [--seeds 0 1] [--concurrent]
 
 Appends to ``bench/results/search_cost.csv``; take the figures from a quiet machine.
+
+``--concurrent`` is a paired design against the machine's drift: sequential jobs two minutes apart
+see different loads (prunepeft's uniform LoRA, the same work as peft's, measured 0.95-1.06x of it that
+way). Here each comparison's two jobs run at the same time in two processes, one core each, built
+first and started together; a job that ends first keeps its core busy until the other ends. (1)
+against (2) is one pair, (3) against a second peft run another (its ratio, ``control_ratio``, should be
+near the sequential design's 0.97 and shows how much the design itself wanders). Both jobs are slower
+than alone (they share the memory bus); the ratio is what it reports. Rows go to
+``bench/results/search_cost_concurrent.csv``.
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ from prunepeft.train import TrainState, train_steps  # noqa: E402
 LORA_QV = SpaceConfig(lora_targets=("q", "v"), lora_rank=8, serial_adapter_targets=(), block_size=1)
 
 
-def peft_lora_seconds(task, cfg: SearchConfig, seed: int) -> float:
-    """peft LoRA r=8 (alpha 16) on query,value, trained with prunepeft's loop; returns seconds."""
+def _peft_lora_job(task, cfg: SearchConfig, seed: int):
+    """peft LoRA r=8 (alpha 16) on query,value, built now; the returned call trains it with prunepeft's loop."""
     from peft import LoraConfig, get_peft_model
 
     model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
@@ -45,11 +54,110 @@ def peft_lora_seconds(task, cfg: SearchConfig, seed: int) -> float:
     data = prepare_data(pm, task, None, cfg, tok)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    t0 = time.perf_counter()
-    train_steps(pm, lambda: params, opt, BatchStream(data.train_epoch), cfg.final_steps, TrainState(), lr=cfg.lr,
-                total_steps=cfg.final_steps, warmup_steps=int(cfg.lr_warmup_ratio * cfg.final_steps),
-                **loop_options(cfg))  # fmt: skip
-    return time.perf_counter() - t0
+
+    def run() -> dict:
+        t0 = time.perf_counter()
+        train_steps(pm, lambda: params, opt, BatchStream(data.train_epoch), cfg.final_steps, TrainState(),
+                    lr=cfg.lr, total_steps=cfg.final_steps,
+                    warmup_steps=int(cfg.lr_warmup_ratio * cfg.final_steps), **loop_options(cfg))  # fmt: skip
+        return {"peft_lora_qv_train_s": time.perf_counter() - t0}
+
+    return run
+
+
+def _search_job(task, cfg: SearchConfig, seed: int):
+    """``prunepeft.search`` at the defaults on a model loaded now; the call returns its cost breakdown."""
+    model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
+
+    def run() -> dict:
+        t0 = time.perf_counter()
+        res = search(model, task, config=cfg, tokenizer=tok, log=None)
+        total = time.perf_counter() - t0
+        # the search's own parts (search() also evaluates the final model on the validation and eval sets)
+        parts = dict(res.costs)
+        return {"parts": parts, "params": res.params, "kept": len(res.kept), "wall_incl_evaluation_s": total}
+
+    return run
+
+
+def _prunepeft_lora_job(task, cfg: SearchConfig, seed: int):
+    """prunepeft's uniform LoRA r=8 q,v (``finetune``) on a model loaded now; the call returns its seconds."""
+    model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
+
+    def run() -> dict:
+        uni = finetune(model, task, config=cfg, space=LORA_QV, tokenizer=tok, log=None)
+        return {"prunepeft_lora_qv_train_s": uni["seconds"]}
+
+    return run
+
+
+JOBS = {"peft": _peft_lora_job, "search": _search_job, "lora": _prunepeft_lora_job}
+
+
+def _config(steps: int, lr: float, seed: int) -> SearchConfig:
+    return SearchConfig(final_steps=steps, lr=lr, seed=seed, max_length=64, val_examples=400)
+
+
+def _row(task_name: str, seed: int, steps: int, threads: int, got: dict) -> dict:
+    parts = got["parts"]
+    peft_s = got["peft_lora_qv_train_s"]
+    search_s = sum(v for k, v in parts.items() if k != "final")
+    final_s = parts.get("final", 0.0)
+    return {"task": task_name, "seed": seed, "steps": steps, "threads": threads,
+            "peft_lora_qv_train_s": round(peft_s, 2),
+            "prunepeft_lora_qv_train_s": round(got["prunepeft_lora_qv_train_s"], 2),
+            "search_s": round(search_s, 2), "final_s": round(final_s, 2),
+            "search_plus_final_s": round(search_s + final_s, 2),
+            "ratio_to_peft": round((search_s + final_s) / peft_s, 3),
+            "search_over_peft": round(search_s / peft_s, 3), "final_over_peft": round(final_s / peft_s, 3),
+            **{f"{k}_s": round(v, 2) for k, v in parts.items() if k != "final"},
+            "params": got["params"], "kept": got["kept"],
+            "wall_incl_evaluation_s": round(got["wall_incl_evaluation_s"], 1), "versions": versions()}  # fmt: skip
+
+
+def _worker(kind, task_name, steps, lr, seed, threads, ready, start, stop, out) -> None:
+    """One timed job of the concurrent design: build, wait for the start, run timed, then keep a core
+    busy until the other job ends too (so neither job's tail runs on a machine the other has left)."""
+    torch.set_num_threads(threads)
+    run = JOBS[kind](T.load(task_name), _config(steps, lr, seed), seed)
+    ready.set()
+    start.wait()
+    out.put((kind, run()))
+    a, b = torch.randn(256, 1536), torch.randn(1536, 384)
+    while not stop.is_set():
+        for _ in range(20):
+            torch.nn.functional.gelu(a @ b)
+
+
+def _concurrent(
+    task_name: str, steps: int, lr: float, seed: int, threads: int, kinds: tuple[str, str]
+) -> dict:
+    """Run the two jobs ``kinds`` at the same time, one per core, started together; their results."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    readies = [ctx.Event() for _ in kinds]
+    procs = [ctx.Process(target=_worker, args=(k, task_name, steps, lr, seed, threads, r, start, stop, out))
+             for k, r in zip(kinds, readies, strict=True)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for r, p in zip(readies, procs, strict=True):
+        while not r.wait(5):
+            if not p.is_alive():
+                raise RuntimeError(f"a {kinds} job died while loading (exit code {p.exitcode})")
+    start.set()
+    got = {}
+    try:
+        for _ in kinds:
+            got.update(out.get(timeout=3600)[1])
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.terminate()
+    return got
 
 
 def main() -> None:
@@ -59,35 +167,34 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run each comparison's two jobs at the same time, one per core (see the module doc)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    task = T.load(args.task)
     rows = []
     for seed in args.seeds:
-        cfg = SearchConfig(final_steps=args.steps, lr=args.lr, seed=seed, max_length=64, val_examples=400)
-        peft_s = peft_lora_seconds(task, cfg, seed)
-        model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
-        t0 = time.perf_counter()
-        res = search(model, task, config=cfg, tokenizer=tok, log=None)
-        total = time.perf_counter() - t0
-        # the search's own parts (search() also evaluates the final model on the validation and eval sets)
-        parts = dict(res.costs)
-        search_s = sum(v for k, v in parts.items() if k != "final")
-        model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
-        uni = finetune(model, task, config=cfg, space=LORA_QV, tokenizer=tok, log=None)
-        row = {"task": args.task, "seed": seed, "steps": args.steps, "threads": args.threads,
-               "peft_lora_qv_train_s": round(peft_s, 2), "prunepeft_lora_qv_train_s": round(uni["seconds"], 2),
-               "search_s": round(search_s, 2), "final_s": round(parts.get("final", 0.0), 2),
-               "search_plus_final_s": round(search_s + parts.get("final", 0.0), 2),
-               "ratio_to_peft": round((search_s + parts.get("final", 0.0)) / peft_s, 3),
-               "search_over_peft": round(search_s / peft_s, 3),
-               "final_over_peft": round(parts.get("final", 0.0) / peft_s, 3),
-               **{f"{k}_s": round(v, 2) for k, v in parts.items() if k != "final"},
-               "params": res.params, "kept": len(res.kept), "wall_incl_evaluation_s": round(total, 1),
-               "versions": versions()}  # fmt: skip
+        if args.concurrent:
+            got = _concurrent(args.task, args.steps, args.lr, seed, args.threads, ("peft", "search"))
+            control = _concurrent(args.task, args.steps, args.lr, seed, args.threads, ("peft", "lora"))
+            got["prunepeft_lora_qv_train_s"] = control["prunepeft_lora_qv_train_s"]
+            row = _row(args.task, seed, args.steps, args.threads, got)
+            row["control_peft_lora_qv_train_s"] = round(control["peft_lora_qv_train_s"], 2)
+            row["control_ratio"] = round(
+                control["prunepeft_lora_qv_train_s"] / control["peft_lora_qv_train_s"], 3
+            )
+        else:
+            task = T.load(args.task)
+            cfg = _config(args.steps, args.lr, seed)
+            got = {}
+            for kind in ("peft", "search", "lora"):
+                got.update(JOBS[kind](task, cfg, seed)())
+            row = _row(args.task, seed, args.steps, args.threads, got)
         print(row, flush=True)
         rows.append(row)
-    print("wrote", append_rows("search_cost", rows))
+    print("wrote", append_rows("search_cost_concurrent" if args.concurrent else "search_cost", rows))
 
 
 if __name__ == "__main__":
