@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
 import time
 
@@ -142,22 +143,29 @@ def _concurrent(
              for k, r in zip(kinds, readies, strict=True)]  # fmt: skip
     for p in procs:
         p.start()
-    for r, p in zip(readies, procs, strict=True):
-        while not r.wait(5):
-            if not p.is_alive():
-                raise RuntimeError(f"a {kinds} job died while loading (exit code {p.exitcode})")
-    start.set()
-    got = {}
+    got: dict[str, dict] = {}
     try:
-        for _ in kinds:
-            got.update(out.get(timeout=3600)[1])
+        for k, r, p in zip(kinds, readies, procs, strict=True):
+            while not r.wait(5):
+                if not p.is_alive():
+                    raise RuntimeError(f"the {k} job died while loading (exit code {p.exitcode})")
+        start.set()
+        while len(got) < len(kinds):
+            try:
+                kind, res = out.get(timeout=5)
+            except queue.Empty:
+                dead = [k for k, p in zip(kinds, procs, strict=True) if k not in got and not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"the {dead[0]} job died before it reported") from None
+                continue
+            got[kind] = res
     finally:
         stop.set()
         for p in procs:
-            p.join(60)
+            p.join(60 if len(got) == len(kinds) else 0)
             if p.is_alive():
                 p.terminate()
-    return got
+    return {k: v for res in got.values() for k, v in res.items()}
 
 
 def main() -> None:

@@ -1,0 +1,49 @@
+"""bench/bench_search_cost.py: the row it writes, and the concurrent design's failure path.
+
+A real comparison trains MiniLM for minutes (the committed rows are its test); here: the ratios a row
+reports are the sums they name, and a job that cannot start ends the comparison with an error naming
+it, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bsc():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_search_cost
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_search_cost
+
+
+def test_row_ratios_are_the_search_parts_and_the_final_training_over_peft(bsc):
+    got = {"peft_lora_qv_train_s": 100.0, "prunepeft_lora_qv_train_s": 97.0,
+           "parts": {"warmup": 2.0, "rounds": 5.0, "scoring": 0.5, "final": 98.0},
+           "params": 73728, "kept": 13, "wall_incl_evaluation_s": 120.0}  # fmt: skip
+    row = bsc._row("SST-2", 3, 500, 1, got)
+    assert row["search_s"] == 7.5 and row["final_s"] == 98.0
+    assert row["ratio_to_peft"] == 1.055
+    assert row["search_over_peft"] == 0.075 and row["final_over_peft"] == 0.98
+    assert (row["warmup_s"], row["rounds_s"], row["scoring_s"]) == (2.0, 5.0, 0.5)
+    assert "final_s" in row and "parts" not in row
+
+
+def test_concurrent_job_that_cannot_load_names_itself_and_leaves_no_process(bsc):
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="peft job died while loading"):
+        bsc._concurrent("no-such-task", 10, 1e-3, 0, 1, ("peft", "search"))
+    assert time.perf_counter() - t0 < 120
+    time.sleep(0.5)
+    assert not mp.active_children()
