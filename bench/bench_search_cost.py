@@ -44,11 +44,16 @@ from prunepeft.train import TrainState, train_steps  # noqa: E402
 LORA_QV = SpaceConfig(lora_targets=("q", "v"), lora_rank=8, serial_adapter_targets=(), block_size=1)
 
 
+def _model(task, seed: int):
+    """A fresh all-MiniLM-L6-v2 (and its tokenizer) with ``task``'s head, seeded."""
+    return _load_model(task.num_labels if task.kind == "classification" else 1, seed)
+
+
 def _peft_lora_job(task, cfg: SearchConfig, seed: int):
     """peft LoRA r=8 (alpha 16) on query,value, built now; the returned call trains it with prunepeft's loop."""
     from peft import LoraConfig, get_peft_model
 
-    model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
+    model, tok = _model(task, seed)
     pm = get_peft_model(
         model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])
     )
@@ -68,7 +73,7 @@ def _peft_lora_job(task, cfg: SearchConfig, seed: int):
 
 def _search_job(task, cfg: SearchConfig, seed: int):
     """``prunepeft.search`` at the defaults on a model loaded now; the call returns its cost breakdown."""
-    model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
+    model, tok = _model(task, seed)
 
     def run() -> dict:
         t0 = time.perf_counter()
@@ -83,7 +88,7 @@ def _search_job(task, cfg: SearchConfig, seed: int):
 
 def _prunepeft_lora_job(task, cfg: SearchConfig, seed: int):
     """prunepeft's uniform LoRA r=8 q,v (``finetune``) on a model loaded now; the call returns its seconds."""
-    model, tok = _load_model(task.num_labels if task.kind == "classification" else 1, seed)
+    model, tok = _model(task, seed)
 
     def run() -> dict:
         uni = finetune(model, task, config=cfg, space=LORA_QV, tokenizer=tok, log=None)
@@ -182,6 +187,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    task = None if args.concurrent else T.load(args.task)  # concurrent jobs load it in their own process
     rows = []
     for seed in args.seeds:
         if args.concurrent:
@@ -194,7 +200,6 @@ def main() -> None:
                 control["prunepeft_lora_qv_train_s"] / control["peft_lora_qv_train_s"], 3
             )
         else:
-            task = T.load(args.task)
             cfg = _config(args.steps, args.lr, seed)
             got = {}
             for kind in ("peft", "search", "lora"):

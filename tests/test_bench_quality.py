@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_path
+from conftest import bench_module, minilm_path
 
 from prunepeft.data import Example, Task
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bq():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_quality
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_quality
+    return bench_module("bench_quality")
 
 
 def _tiny(num_labels, seed):
@@ -195,11 +186,7 @@ def test_report_shows_the_headline_without_chance_tasks_and_keeps_superseded_run
 def test_probe_cuts_a_kept_configuration_out_of_the_default_space():
     from conftest import tiny_model
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import quality_probe
-    finally:
-        sys.path.remove(str(BENCH))
+    quality_probe = bench_module("quality_probe")
     model, _ = tiny_model("bert")
     handle = quality_probe.configuration(model, "lora:q@0=4;lora:down@1=8;serial_adapter:o@1=4", seed=0)
     widths = {
@@ -292,11 +279,7 @@ def test_budget_spread_counts_sites_kind_shares_and_depth_of_the_found_configura
 def test_found_step_bench_times_each_search_runs_configuration_at_its_selected_learning_rate(
     monkeypatch, tmp_path
 ):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_found_step as fs
-    finally:
-        sys.path.remove(str(BENCH))
+    fs = bench_module("bench_found_step")
     monkeypatch.setattr(fs, "RESULTS", tmp_path)
     base = {"budget_name": "r8", "budget": "73728", "task": "SST-2", "params": "1", "search_s": "1", "final_s": "1",
             "total_s": "2", "wall_s": "2", "peak_rss_mb": "1", "machine": "t", "commit": "x", "value": "0.5"}  # fmt: skip
@@ -384,12 +367,7 @@ def test_adalora_update_bench_measures_each_adapters_update_against_its_frozen_w
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     bq, _ = tiny
-    sys.path.insert(0, str(BENCH))
-    try:
-        import adalora_update as au
-        import common
-    finally:
-        sys.path.remove(str(BENCH))
+    au, common = bench_module("adalora_update"), bench_module("common")
     model, _ = _tiny(2, 0)
     ada = get_peft_model(model, AdaLoraConfig(task_type="SEQ_CLS", target_modules=["query"], init_r=3, target_r=2,
                                               lora_alpha=4, total_step=10))  # fmt: skip

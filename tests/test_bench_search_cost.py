@@ -7,23 +7,15 @@ it, leaving no process behind.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def bsc():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_search_cost
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_search_cost
+    return bench_module("bench_search_cost")
 
 
 def test_row_ratios_are_the_search_parts_and_the_final_training_over_peft(bsc):
