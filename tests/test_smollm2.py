@@ -247,6 +247,44 @@ def _prompt_ids(tok, text: str) -> dict[str, torch.Tensor]:
     return dict(tok(chat_prompt(tok, text), add_special_tokens=False, return_tensors="pt"))
 
 
+def _left_padded(tok, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``prompts`` as chat turns, left-padded to one batch (as ``greedy_answers`` builds it)."""
+    seqs = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, width - len(q) :] = torch.tensor(q)
+        mask[i, width - len(q) :] = 1
+    return ids, mask, pad
+
+
+def _assert_same_greedy(ours, theirs, ids, mask, ours_gen, theirs_gen, tol: float) -> None:
+    """Greedy continuations of two models whose logits agree within ``tol`` are equal token by token,
+    except where they part at a near tie: at the first differing token, each model's logit for the
+    other's pick is within ``tol`` of its own (on the shared prefix). A wrong adapter parts at a
+    clear margin and fails."""
+    for row in range(ours_gen.shape[0]):
+        a, b = ours_gen[row], theirs_gen[row]
+        if torch.equal(a, b):
+            continue
+        n = min(len(a), len(b))
+        i = int((a[:n] != b[:n]).nonzero()[0]) if bool((a[:n] != b[:n]).any()) else n
+        assert i >= ids.shape[1] and i < n, (
+            f"row {row}: the prompts differ or one answer is a prefix of the other"
+        )
+        prefix = a[:i].unsqueeze(0)
+        m = torch.cat([mask[row : row + 1], torch.ones(1, i - ids.shape[1], dtype=mask.dtype)], dim=1)
+        with torch.no_grad():
+            for model, own, other in ((ours, a[i], b[i]), (theirs, b[i], a[i])):
+                last = model(input_ids=prefix, attention_mask=m).logits[0, -1].float()
+                gap = float(last[own] - last[other])
+                assert gap <= tol, (
+                    f"row {row}: the answers part at token {i - ids.shape[1]} by a logit gap of {gap:.3f} (> {tol:.3f})"
+                )
+
+
 def test_smollm2_4bit_attach_train_export_reload(smollm2_cache, tmp_path):
     import bitsandbytes as bnb
     from peft import PeftModel
@@ -321,9 +359,18 @@ def test_smollm2_4bit_attach_train_export_reload(smollm2_cache, tmp_path):
     err, top = diff.max().item(), ours.abs().max().item()
     assert err <= 2e-2 * top and diff.mean().item() <= 5e-3 * top, (err, diff.mean().item(), top)
     assert (plain - ours).abs().max().item() > 10 * err  # the adapter changes the output: the check has teeth
-    assert ours_gen.tolist() == theirs_gen.tolist()
+    # greedy decoding: equal up to a near tie that the bases' difference above can flip (seen with
+    # bitsandbytes 0.50.2 on CPU: the 6th token, the two picks 0.047 apart in our logits)
+    tol = 2e-2 * top
+    mask = inputs["attention_mask"]
+    _assert_same_greedy(model, peft_model, inputs["input_ids"], mask, ours_gen, theirs_gen, tol)
     prompts = ["Which topic is this article about? Shares rose.", rows[1][0]]  # left-padded to one batch
-    assert greedy_answers(model, tok, prompts, 4) == greedy_answers(peft_model, tok, prompts, 4)
+    ids, mask, pad = _left_padded(tok, prompts)
+    with torch.no_grad():
+        gens = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+                for m in (model, peft_model)]  # fmt: skip
+    _assert_same_greedy(model, peft_model, ids, mask, *gens, tol)
+    assert greedy_answers(model, tok, prompts, 4)  # the demo's helper answers every prompt
     handle.detach()
 
 
