@@ -8,6 +8,7 @@ seed and learning rate, one process, one thread, in one run. Rows: the total rat
 breakdown (warm-up, rounds, scoring / compaction, validation checks, checkpoints, final training).
 
     python bench/bench_search_cost.py [--task SST-2] [--steps 200] [--seeds 0 1] [--concurrent]
+        [--variant NAME --search JSON]
 
 Appends to ``bench/results/search_cost.csv``; take the figures from a quiet machine.
 
@@ -19,11 +20,16 @@ against (2) is one pair, (3) against a second peft run another (its ratio, ``con
 near the sequential design's 0.97 and shows how much the design itself wanders). Both jobs are slower
 than alone (they share the memory bus); the ratio is what it reports. Rows go to
 ``bench/results/search_cost_concurrent.csv``.
+
+``--variant NAME --search JSON`` times a search schedule that is not the default (``SearchConfig``
+fields, e.g. ``{"steps_per_round": 2}``; they reach the search job only) before a quality rule decides
+on it; its rows go to ``<the csv>_<NAME>.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import sys
@@ -100,8 +106,19 @@ def _prunepeft_lora_job(task, cfg: SearchConfig, seed: int):
 JOBS = {"peft": _peft_lora_job, "search": _search_job, "lora": _prunepeft_lora_job}
 
 
-def _config(steps: int, lr: float, seed: int) -> SearchConfig:
-    return SearchConfig(final_steps=steps, lr=lr, seed=seed, max_length=64, val_examples=400)
+def _config(steps: int, lr: float, seed: int, search: dict | None = None) -> SearchConfig:
+    """The runs' config; ``search``: ``SearchConfig`` overrides (a variant's schedule)."""
+    try:
+        return SearchConfig(
+            final_steps=steps, lr=lr, seed=seed, max_length=64, val_examples=400, **(search or {})
+        )
+    except TypeError as e:
+        raise SystemExit(f"--search: {e} (its keys must be SearchConfig fields)") from None
+
+
+def _job_config(kind: str, steps: int, lr: float, seed: int, search: dict | None) -> SearchConfig:
+    """A variant's overrides reach only the search: peft's and the uniform LoRA's runs stay the same."""
+    return _config(steps, lr, seed, search if kind == "search" else None)
 
 
 def _row(task_name: str, seed: int, steps: int, threads: int, got: dict) -> dict:
@@ -121,11 +138,11 @@ def _row(task_name: str, seed: int, steps: int, threads: int, got: dict) -> dict
             "wall_incl_evaluation_s": round(got["wall_incl_evaluation_s"], 1), "versions": versions()}  # fmt: skip
 
 
-def _worker(kind, task_name, steps, lr, seed, threads, ready, start, stop, out) -> None:
+def _worker(kind, task_name, steps, lr, seed, threads, search, ready, start, stop, out) -> None:
     """One timed job of the concurrent design: build, wait for the start, run timed, then keep a core
     busy until the other job ends too (so neither job's tail runs on a machine the other has left)."""
     torch.set_num_threads(threads)
-    run = JOBS[kind](T.load(task_name), _config(steps, lr, seed), seed)
+    run = JOBS[kind](T.load(task_name), _job_config(kind, steps, lr, seed, search), seed)
     ready.set()
     start.wait()
     out.put((kind, run()))
@@ -136,7 +153,13 @@ def _worker(kind, task_name, steps, lr, seed, threads, ready, start, stop, out) 
 
 
 def _concurrent(
-    task_name: str, steps: int, lr: float, seed: int, threads: int, kinds: tuple[str, str]
+    task_name: str,
+    steps: int,
+    lr: float,
+    seed: int,
+    threads: int,
+    kinds: tuple[str, str],
+    search: dict | None = None,
 ) -> dict:
     """Run the two jobs ``kinds`` at the same time, one per core, started together; their results."""
     import multiprocessing as mp
@@ -144,7 +167,7 @@ def _concurrent(
     ctx = mp.get_context("spawn")
     start, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
     readies = [ctx.Event() for _ in kinds]
-    procs = [ctx.Process(target=_worker, args=(k, task_name, steps, lr, seed, threads, r, start, stop, out))
+    procs = [ctx.Process(target=_worker, args=(k, task_name, steps, lr, seed, threads, search, r, start, stop, out))
              for k, r in zip(kinds, readies, strict=True)]  # fmt: skip
     for p in procs:
         p.start()
@@ -185,13 +208,20 @@ def main() -> None:
         action="store_true",
         help="run each comparison's two jobs at the same time, one per core (see the module doc)",
     )
+    ap.add_argument("--variant", help="name of a non-default search schedule (rows go to <csv>_<NAME>.csv)")
+    ap.add_argument("--search", help="JSON: SearchConfig overrides of the variant (the search job only)")
     args = ap.parse_args()
+    if bool(args.variant) != bool(args.search):
+        ap.error("--variant and --search go together")
+    search = json.loads(args.search) if args.search else None
+    if search is not None:
+        _config(args.steps, args.lr, 0, search)  # a bad key fails here, not in a worker
     torch.set_num_threads(args.threads)
     task = None if args.concurrent else T.load(args.task)  # concurrent jobs load it in their own process
     rows = []
     for seed in args.seeds:
         if args.concurrent:
-            got = _concurrent(args.task, args.steps, args.lr, seed, args.threads, ("peft", "search"))
+            got = _concurrent(args.task, args.steps, args.lr, seed, args.threads, ("peft", "search"), search)
             control = _concurrent(args.task, args.steps, args.lr, seed, args.threads, ("peft", "lora"))
             got["prunepeft_lora_qv_train_s"] = control["prunepeft_lora_qv_train_s"]
             row = _row(args.task, seed, args.steps, args.threads, got)
@@ -200,14 +230,14 @@ def main() -> None:
                 control["prunepeft_lora_qv_train_s"] / control["peft_lora_qv_train_s"], 3
             )
         else:
-            cfg = _config(args.steps, args.lr, seed)
             got = {}
             for kind in ("peft", "search", "lora"):
-                got.update(JOBS[kind](task, cfg, seed)())
+                got.update(JOBS[kind](task, _job_config(kind, args.steps, args.lr, seed, search), seed)())
             row = _row(args.task, seed, args.steps, args.threads, got)
         print(row, flush=True)
         rows.append(row)
-    print("wrote", append_rows("search_cost_concurrent" if args.concurrent else "search_cost", rows))
+    name = "search_cost_concurrent" if args.concurrent else "search_cost"
+    print("wrote", append_rows(f"{name}_{args.variant}" if args.variant else name, rows))
 
 
 if __name__ == "__main__":

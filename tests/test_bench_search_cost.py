@@ -39,3 +39,15 @@ def test_concurrent_job_that_cannot_load_names_itself_and_leaves_no_process(bsc)
     assert time.perf_counter() - t0 < 120
     time.sleep(0.5)
     assert not mp.active_children()
+
+
+def test_a_variant_schedule_reaches_the_search_job_only_and_a_bad_key_is_named(bsc):
+    search = {"warmup_steps": 8, "rounds": 4, "steps_per_round": 2}
+    got = {k: bsc._job_config(k, 500, 1e-3, 0, search) for k in ("peft", "search", "lora")}
+    assert (got["search"].steps_per_round, got["search"].search_steps) == (2, 16)
+    default = bsc._config(500, 1e-3, 0)
+    for k in ("peft", "lora"):
+        assert got[k] == default
+    assert got["search"].final_steps == default.final_steps == 500 and got["search"].lr == default.lr
+    with pytest.raises(SystemExit, match="--search: .*steps_per_rnd"):
+        bsc._config(500, 1e-3, 0, {"steps_per_rnd": 2})
