@@ -215,9 +215,15 @@ def uniform_space(method: str, model, budget: int):
     return best
 
 
+#: the search schedule every protocol row ran under unless its variant overrides it: the library's
+#: default until issue 12 adopted ``cheap16`` (``steps_per_round=2``), kept so that the rows reproduce
+PROTOCOL_SCHEDULE = {"steps_per_round": 5}
+
+
 def search_config(cfg: QualityConfig, *, lr: float, seed: int, budget: int | None, steps: int, **kw):
     from prunepeft.api import SearchConfig
 
+    kw = {**PROTOCOL_SCHEDULE, **kw}
     return SearchConfig(budget=budget, lr=lr, final_steps=steps, seed=seed, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, val_examples=cfg.val_examples, **kw)  # fmt: skip
 

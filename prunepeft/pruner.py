@@ -70,7 +70,7 @@ class PruneConfig:
     strategy: str = "hybrid"
     granularity: str = "block"
     rounds: int = 4
-    steps_per_round: int = 5
+    steps_per_round: int = 2  # 5 before issue 12: cheap16 in bench/results/quality.md
     warmup_steps: int = 8
     schedule: str = "linear"
     threshold: float = 1e-3

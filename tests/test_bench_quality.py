@@ -490,3 +490,14 @@ def test_hybrid_inverted_prunes_what_the_default_search_keeps(tiny):
         assert pruned[method], method
     assert not pruned["hybrid"] & pruned["hybrid_inverted"]
     assert pruner.balanced_scores is hybrid.balanced_scores
+
+
+def test_protocol_rows_keep_their_schedule_after_the_library_default_changed(bq):
+    from prunepeft.api import SearchConfig
+
+    assert SearchConfig().search_steps == 16  # cheap16, adopted by issue 12's rule
+    cfg = bq.QualityConfig()
+    sc = bq.search_config(cfg, lr=1e-3, seed=0, budget=None, steps=200)
+    assert (sc.warmup_steps, sc.rounds, sc.steps_per_round, sc.search_steps) == (8, 4, 5, 28)
+    cheap16 = json.loads(bq.PROTOCOL_VARIANTS["cheap16"].split("'")[1])
+    assert bq.search_config(cfg, lr=1e-3, seed=0, budget=None, steps=200, **cheap16).search_steps == 16
