@@ -156,6 +156,24 @@ def topic_task(cfg: LLMDemoConfig) -> tuple[Task, list[Example], list[str]]:
     return Task("causal_lm", train, [], [], ("prompt", "response")), test, classes
 
 
+def left_padded_prompts(tokenizer, prompts: list[str], chat: bool, pad: int):
+    """``prompts`` (as user turns when ``chat``) left-padded to one batch, so every answer starts at the
+    same position: ``(input_ids, attention_mask)``."""
+    import torch
+
+    from .data import chat_prompt
+
+    texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
+    seqs = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
 def greedy_answers(
     model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batch_size: int = 16
 ) -> list[str]:
@@ -163,7 +181,7 @@ def greedy_answers(
     chat template, or used as it is without one), up to ``max_new_tokens`` tokens or the end of turn."""
     import torch
 
-    from .data import chat_prompt, has_chat_template
+    from .data import has_chat_template
 
     chat = has_chat_template(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -173,14 +191,8 @@ def greedy_answers(
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts[start : start + batch_size]]
-            seqs = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):  # left padding: every answer starts at the same position
-                ids[i, width - len(s) :] = torch.tensor(s)
-                mask[i, width - len(s) :] = 1
+            ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size], chat, pad)
+            width = ids.shape[1]
             with torch.no_grad():
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=pad,

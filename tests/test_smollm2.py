@@ -15,7 +15,7 @@ import torch
 
 from prunepeft import models
 from prunepeft.data import Example, batches, chat_prompt, has_chat_template
-from prunepeft.demo import LLMDemoConfig, exact_match, greedy_answers, topic_task
+from prunepeft.demo import LLMDemoConfig, exact_match, greedy_answers, left_padded_prompts, topic_task
 
 # ------------------------------------------------------------------------------------------------ missing packages
 
@@ -247,19 +247,6 @@ def _prompt_ids(tok, text: str) -> dict[str, torch.Tensor]:
     return dict(tok(chat_prompt(tok, text), add_special_tokens=False, return_tensors="pt"))
 
 
-def _left_padded(tok, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``prompts`` as chat turns, left-padded to one batch (as ``greedy_answers`` builds it)."""
-    seqs = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, q in enumerate(seqs):
-        ids[i, width - len(q) :] = torch.tensor(q)
-        mask[i, width - len(q) :] = 1
-    return ids, mask, pad
-
-
 def _assert_same_greedy(ours, theirs, ids, mask, ours_gen, theirs_gen, tol: float) -> None:
     """Greedy continuations of two models whose logits agree within ``tol`` are equal token by token,
     except where they part at a near tie: at the first differing token, each model's logit for the
@@ -365,12 +352,14 @@ def test_smollm2_4bit_attach_train_export_reload(smollm2_cache, tmp_path):
     mask = inputs["attention_mask"]
     _assert_same_greedy(model, peft_model, inputs["input_ids"], mask, ours_gen, theirs_gen, tol)
     prompts = ["Which topic is this article about? Shares rose.", rows[1][0]]  # left-padded to one batch
-    ids, mask, pad = _left_padded(tok, prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids, mask = left_padded_prompts(tok, prompts, True, pad)
     with torch.no_grad():
         gens = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=pad)
                 for m in (model, peft_model)]  # fmt: skip
     _assert_same_greedy(model, peft_model, ids, mask, *gens, tol)
-    assert greedy_answers(model, tok, prompts, 4)  # the demo's helper answers every prompt
+    decoded = [tok.decode(g[ids.shape[1] :], skip_special_tokens=True).strip() for g in gens[0]]
+    assert greedy_answers(model, tok, prompts, 4) == decoded  # the demo's helper decodes the same batch
     handle.detach()
 
 
