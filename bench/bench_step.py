@@ -24,6 +24,15 @@ not inside the up-projection GEMM),
 ``full_narrow_per_site`` (none of these: also every slab a plain ``flat.narrow`` view, as before
 issue 12).
 
+The floor of the full supernet's step, for the 0.85x goal: ``base_frozen`` is the base model alone,
+no parameter trainable, the outputs of the sites whose input needs no gradient (layer 0's q, k, v)
+made to require one, so its forward and backward do the base model's share of the supernet's step
+and nothing else; ``floor_full`` adds the fewest FLOPs the full supernet's candidates need with dense
+GEMMs (forward, both weight gradients, the bottleneck's gradient, the input's where it is needed:
+``adapter_gflop``) at the best rate the base model's own GEMM shapes reach on this machine
+(``gemm_gflops``, an upper bound for the thin bottleneck GEMMs). No implementation that keeps the
+base model's ops as they are steps faster than ``floor_full`` (CPU only).
+
 Step time, per variant and thread count (1 and 2): the median of ``--repeat`` training steps
 (zero_grad, forward, backward, AdamW step) after ``--warmup`` steps, every variant in this process,
 taking turns (one step each per round), so a change in the machine's load hits all alike.
@@ -80,7 +89,8 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ROUNDS = (("p75", 0.75), ("p50", 0.50), ("p25", 0.25))
 FIELDS = [
     "variant", "state", "kind", "trainable", "threads_run", "seconds", "ratio_to_peft_equal",
-    "peak_train_mb", "peak_search_mb", "alloc_mb", "written_mb", "score_ms", "batch", "repeat", "device", "mode", "versions",
+    "peak_train_mb", "peak_search_mb", "alloc_mb", "written_mb", "score_ms", "adapter_gflop", "gemm_gflops",
+    "batch", "repeat", "device", "mode", "versions",
 ]  # fmt: skip
 FALLBACK_TEXT = (
     "a gripping , funny and ultimately moving film",
@@ -182,6 +192,65 @@ def site_params(bank) -> dict[str, int]:
     return out
 
 
+def sites_without_input_grad(model, bank, batch) -> list[str]:
+    """Sites whose input needs no gradient in a training step (those reading the embeddings'
+    output): one forward with a pre-hook on every site."""
+    seen: dict[str, bool] = {}
+    hooks = []
+    for site in sorted({s.site for s in bank.specs}):
+
+        def pre(mod, args, site=site):
+            seen[site] = bool(args[0].requires_grad)
+
+        hooks.append(model.get_submodule(site).register_forward_pre_hook(pre))
+    try:
+        model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(s for s, grad in seen.items() if not grad)
+
+
+def adapter_flops(bank, tokens: int, no_input_grad) -> int:
+    """The fewest FLOPs one training step can spend in the bank's live candidates with dense GEMMs:
+    per candidate of live width ``w`` (``in`` -> ``w`` -> ``out``), forward ``2 N w (in + out)``;
+    backward the two weight gradients ``2 N w (in + out)``, the bottleneck's gradient ``2 N w out``
+    and, unless the site's input needs no gradient, the input's ``2 N w in``. Biases, activations
+    and the optimizer are left out, so it is a lower bound."""
+    no_dx = set(no_input_grad)
+    total = 0
+    for c, w in enumerate(bank.effective_widths()):
+        if not w:
+            continue
+        s = bank.specs[c]
+        total += 2 * tokens * w * (2 * (s.in_dim + s.out_dim) + s.out_dim)
+        if s.site not in no_dx:
+            total += 2 * tokens * w * s.in_dim
+    return total
+
+
+def gemm_peak_gflops(base, tokens: int, repeat: int = 5) -> float:
+    """The best GFLOP/s of the base model's own linear shapes at the current thread count, over the
+    three GEMM layouts of a linear's training step (forward ``X W^T``, input gradient ``dY W``, weight
+    gradient ``dY^T X``): an upper bound on what any bottleneck GEMM reaches."""
+    shapes = sorted(
+        {(m.in_features, m.out_features) for m in base.modules() if isinstance(m, torch.nn.Linear)}
+    )
+    best = 0.0
+    for d_in, d_out in shapes:
+        x, dy, w = torch.randn(tokens, d_in), torch.randn(tokens, d_out), torch.randn(d_out, d_in)
+        for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
+            for _ in range(2):
+                torch.mm(a, b)
+            ts = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                ts.append(time.perf_counter() - t0)
+            best = max(best, 2 * tokens * d_in * d_out / statistics.median(ts) / 1e9)
+    return best
+
+
 def search_states(base, batch, quick: bool) -> list[dict]:
     """The states a search passes through: the full supernet, then rounds pruned (Taylor scores of
     two training steps each) and compacted to 75 / 50 / 25 % of it; then LoRA r8 q,v's shape.
@@ -191,7 +260,10 @@ def search_states(base, batch, quick: bool) -> list[dict]:
     bank = handle.bank
     opt = handle.optimizer(lr=1e-4)
     full = bank.num_params()
-    states = [dict(state="full", keep=None, trainable=full, ranks=equal_lora_ranks(model, site_params(bank)))]
+    no_dx = sites_without_input_grad(model, bank, batch)
+    tokens = int(batch["input_ids"].numel())
+    states = [dict(state="full", keep=None, trainable=full, ranks=equal_lora_ranks(model, site_params(bank)),
+                   no_dx=no_dx, adapter_flops=adapter_flops(bank, tokens, no_dx))]  # fmt: skip
     rounds = ROUNDS[1:2] if quick else ROUNDS
     for name, frac in rounds:
         bank.stats = None
@@ -236,6 +308,8 @@ def variants(states: list[dict], quick: bool) -> list[dict]:
                                 unfused=unfused, untapped=untapped, **st))  # fmt: skip
         peft_name = "peft_lora_qv_r8" if st["state"] == "lora_qv_r8" else f"peft_equal_{st['state']}"
         out.append(dict(variant=peft_name, kind="peft", **st))
+        if st["state"] == "full":  # the base model's own work in the full supernet's step
+            out.append(dict(variant="base_frozen", kind="base", **st))
     return out
 
 
@@ -319,6 +393,18 @@ def prepare(v: dict, base, batch, device: str):
     """Variant ``v`` on a copy of ``base``: ``(step, trainable, bank)``, ``step()`` one training step."""
     model = copy.deepcopy(base).to(device)
     batch = {k: t.to(device) for k, t in batch.items()}
+    if v["kind"] == "base":
+        # no trainable parameter; the outputs of the sites whose input needs no gradient require one,
+        # so backward runs through the base model exactly as far as the supernet's does
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for site in v["no_dx"]:
+            model.get_submodule(site).register_forward_hook(lambda mod, args, out: out.requires_grad_())
+
+        def step(mode: str = "train"):
+            model(**batch).loss.backward()
+
+        return step, 0, None
     if v["kind"] == "peft":
         model = build_peft(model, v["ranks"])
         trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
@@ -426,6 +512,25 @@ def measure_memory(v: dict, base, batch, device: str, steps: int = 3) -> dict:
                 score_ms=score_ms)  # fmt: skip
 
 
+def floor_rows(full: dict, base, secs: dict, threads: list[int], tokens: int) -> list[dict]:
+    """Per thread count, the least step time of the full supernet: the base model's own work
+    (``base_frozen``, measured) plus :func:`adapter_flops` at the base's best GEMM rate
+    (:func:`gemm_peak_gflops`). An implementation that keeps the base model's ops as they are cannot
+    step faster; its ratio to ``peft_equal_full`` bounds the full-supernet goal from below."""
+    gflop = full["adapter_flops"] / 1e9
+    out = []
+    before = torch.get_num_threads()
+    for t in threads:
+        torch.set_num_threads(t)
+        rate = gemm_peak_gflops(base, tokens)
+        out.append(dict(variant="floor_full", state="full", kind="floor", trainable=full["trainable"], threads_run=t,
+                        seconds=secs[("base_frozen", t)] + gflop / rate, adapter_gflop=round(gflop, 2),
+                        gemm_gflops=round(rate, 1), peak_train_mb="", peak_search_mb="", alloc_mb="",
+                        written_mb="", score_ms=""))  # fmt: skip
+    torch.set_num_threads(before)
+    return out
+
+
 def worker(spec: str) -> None:
     a = json.loads(spec)
     torch.manual_seed(0)
@@ -522,6 +627,10 @@ def plot(rows: list[dict], path) -> None:
                 color="k",
                 label="full, before issue 12",
             )
+        floor = [r for r in rs if r["variant"] == "floor_full"]
+        if floor:
+            ax.plot([floor[0]["trainable"]], [floor[0]["seconds"] * 1e3], "_", color="C4", markersize=14,
+                    label="floor of the full supernet")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("ms / training step (median)")
@@ -548,6 +657,14 @@ def report(rows: list[dict]) -> None:
         if "supernet_full" in rs and "peft_equal_full" in rs:
             x = rs["supernet_full"]["seconds"] / rs["peft_equal_full"]["seconds"]
             goals.append(("full supernet <= 0.85x peft LoRA of equal size and sites", f"{x:.2f}x", x <= 0.85))
+            if "floor_full" in rs:
+                f = rs["floor_full"]
+                y = f["seconds"] / rs["peft_equal_full"]["seconds"]
+                print(f"  floor of the full supernet: base model's own work {rs['base_frozen']['seconds'] * 1e3:.0f} ms"
+                      f" + {f['adapter_gflop']} GFLOP of candidates at {f['gemm_gflops']} GFLOP/s"
+                      f" = {f['seconds'] * 1e3:.0f} ms = {y:.2f}x peft equal "
+                      f"({'the 0.85x goal is out of reach' if y > 0.85 else 'the 0.85x goal is within reach'}"
+                      " with the base model's ops unchanged)")  # fmt: skip
             sup, peft = rs["supernet_full"], rs["peft_equal_full"]
             if peft["peak_train_mb"] not in ("", 0, 0.0):
                 m = sup["peak_search_mb"] / peft["peak_train_mb"]
@@ -631,6 +748,8 @@ def main() -> None:
         for t in threads
         for v in vs
     ]  # fmt: skip
+    if args.device == "cpu":
+        rows += floor_rows(states[0], base, secs, threads, int(batch["input_ids"].numel()))
     for r in rows:
         peer = "peft_lora_qv_r8" if r["state"] == "lora_qv_r8" else f"peft_equal_{r['state']}"
         ref = next((q for q in rows if q["variant"] == peer and q["threads_run"] == r["threads_run"]), None)
