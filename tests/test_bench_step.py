@@ -63,3 +63,4 @@ def test_base_frozen_step_trains_nothing_and_gemm_rate_is_positive(setup):
     step()
     assert trainable == 0 and bank is None
     assert bs.gemm_peak_gflops(base, 32, repeat=1) > 0
+    assert 0 < bs.adamw_seconds(1000, repeat=1) < 1
