@@ -48,8 +48,9 @@ training step allocate (fresh outputs) and write (fresh and in-place outputs), c
 ``TorchDispatchMode``: a proxy of memory traffic; and for supernet states the median time of the
 scoring pass (``score_ms``).
 
-``--quick`` (CI, about a minute on an idle machine): the full, p50 and LoRA-r8-shape states with
-their peft peers and the before-issue-12 ablation, 4 x 32 tokens, 3 repeats, 1 thread; memory only
+``--quick`` (about a minute on an idle machine): the full, p50 and LoRA-r8-shape states with
+their peft peers, the before-issue-12 ablation and ``base_frozen``, 4 x 32 tokens, 3 repeats,
+1 thread; memory only
 for the full supernet and its peft peer. ``--inprocess`` measures memory in this process instead of
 workers (indicative only: the allocator keeps memory between variants).
 
