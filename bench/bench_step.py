@@ -715,7 +715,7 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--quick", action="store_true", help="CI: 4 x 32 tokens, 3 repeats, 1 thread, few variants"
+        "--quick", action="store_true", help="a quick look: 4 x 32 tokens, 3 repeats, 1 thread, few variants"
     )
     ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant and thread count (15)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (3)")
