@@ -85,7 +85,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, append_rows, load_minilm, minilm_supernet_config, versions  # noqa: E402
+from common import RESULTS, append_rows, load_minilm, median_time, minilm_supernet_config, versions  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ROUNDS = (("p75", 0.75), ("p50", 0.50), ("p25", 0.25))
@@ -242,14 +242,8 @@ def gemm_peak_gflops(base, tokens: int, repeat: int = 5) -> float:
     for d_in, d_out in shapes:
         x, dy, w = torch.randn(tokens, d_in), torch.randn(tokens, d_out), torch.randn(d_out, d_in)
         for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
-            for _ in range(2):
-                torch.mm(a, b)
-            ts = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                torch.mm(a, b)
-                ts.append(time.perf_counter() - t0)
-            best = max(best, 2 * tokens * d_in * d_out / statistics.median(ts) / 1e9)
+            t = median_time(lambda a=a, b=b: torch.mm(a, b), repeat=repeat)
+            best = max(best, 2 * tokens * d_in * d_out / t / 1e9)
     return best
 
 
@@ -519,18 +513,8 @@ def adamw_seconds(n: int, repeat: int = 7) -> float:
     the better of torch's ``foreach`` and ``fused`` implementations, at the current thread count."""
     p = torch.nn.Parameter(torch.randn(n))
     p.grad = torch.randn(n)
-    best = math.inf
-    for impl in ("foreach", "fused"):
-        opt = torch.optim.AdamW([p], lr=1e-4, **{impl: True})
-        for _ in range(2):
-            opt.step()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            opt.step()
-            ts.append(time.perf_counter() - t0)
-        best = min(best, statistics.median(ts))
-    return best
+    opts = [torch.optim.AdamW([p], lr=1e-4, **{impl: True}) for impl in ("foreach", "fused")]
+    return min(median_time(opt.step, repeat=repeat) for opt in opts)
 
 
 def floor_rows(full: dict, base, secs: dict, threads: list[int], tokens: int) -> list[dict]:
